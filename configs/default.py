@@ -1,0 +1,86 @@
+"""Official pix2pix defaults (junyanz/pytorch-CycleGAN-and-pix2pix, `--model pix2pix`).
+
+unet_256 G, 70x70 PatchGAN D, batch norm, vanilla GAN, lambda_L1 = 100, Adam 2e-4 / beta1 0.5,
+100 + 100 epochs with linear decay, load 286 / crop 256, flip, batch size 1.
+Dataset configs import this file and override a few fields.
+
+  python -m p2p_jax.main --config=configs/default.py --workdir=DIR \
+      --config.dataset.data_dir=/path/to/facades --config.dataset.direction=BtoA
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'aligned'  # 'aligned' (A|B folders), 'cityscapes' (TFDS), 'demo'.
+  config.dataset.data_dir = ''  # Aligned: DATA_DIR/{train,val,test}/*.jpg. TFDS: data dir.
+  config.dataset.manual_dir = ''  # TFDS Cityscapes: where the downloaded zips are.
+  config.dataset.direction = 'AtoB'  # 'AtoB' or 'BtoA'.
+  config.dataset.train_split = 'train'
+  config.dataset.eval_split = 'val'  # Held-out images shown in TensorBoard while training.
+  config.dataset.skip_bad_images = False  # Skip (and log once) unreadable / malformed files.
+  config.input_nc = 3
+  config.output_nc = 3
+
+  # Preprocessing, as the official `--preprocess`, `--load_size`, `--crop_size`, `--no_flip`.
+  config.preprocess = 'resize_and_crop'
+  config.load_size = 286
+  config.crop_size = 256
+  config.flip = True
+  config.batch_size = 1  # Global, across all devices and processes.
+  config.num_workers = 2  # grain worker processes per host (0: in the main process).
+  config.prefetch_buffer_size = 4
+
+  config.model = ml_collections.ConfigDict()
+  config.model.netG = 'unet_256'  # 'unet_256', 'unet_128', 'resnet_9blocks', 'resnet_6blocks'.
+  config.model.netD = 'basic'  # 'basic' (70x70), 'n_layers' (n_layers_D), 'pixel' (1x1).
+  config.model.n_layers_D = 3
+  config.model.ngf = 64
+  config.model.ndf = 64
+  config.model.norm = 'batch'  # 'batch', 'instance', 'none'.
+  config.model.use_dropout = True
+  config.model.conv_impl = 'fast'  # 'fast' (sub-pixel up-convs) or 'plain' (lax ops).
+  config.compute_dtype = 'float32'  # 'bfloat16': bf16 activations, fp32 params/optimizer.
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.gan_mode = 'vanilla'  # 'vanilla', 'lsgan', 'hinge'.
+  config.loss.lambda_l1 = 100.0
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 2e-4
+  config.optim.beta1 = 0.5
+  config.optim.beta2 = 0.999
+
+  # Schedule: constant LR for n_epochs, then linear decay to 0 over n_epochs_decay.
+  config.n_epochs = 100
+  config.n_epochs_decay = 100
+  config.num_train_steps = -1  # > 0 overrides the length (smoke runs).
+
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 5000
+  config.image_every_steps = 5000
+  config.num_image_examples = 4  # Fixed train and held-out examples in the image grids.
+  config.max_to_keep = 3
+  config.profile = False  # Capture a jax.profiler trace early in training.
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.split = 'test'
+  config.eval.step = -1  # -1: the latest checkpoint.
+  config.eval.mode = 'paper'  # 'paper' (batch stats + dropout) or 'eval' (running stats).
+  config.eval.num_samples = 1  # Stochastic samples per input in 'paper' mode.
+  config.eval.batch_size = 1
+
+  config.translate = ml_collections.ConfigDict()
+  config.translate.input_dir = ''
+  config.translate.output_dir = ''
+  config.translate.resize = True  # Resize inputs to crop_size (and outputs back).
+
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.enabled = False  # Also auto-detected on TPU pods and under SLURM.
+  config.distributed.coordinator_address = ''
+  config.distributed.num_processes = -1
+  config.distributed.process_id = -1
+  return config
