@@ -1,0 +1,428 @@
+"""Evaluation and translation with a restored generator (``--mode=eval``, ``--mode=translate``).
+
+Test-time behaviour (``config.eval.mode``), as in the official ``test.py``:
+
+* ``'paper'`` (default): batch-norm statistics of the test image and active dropout. The
+  official ``test.py`` forces batch size 1, so the statistics are those of one image. Here
+  every example is run as its own batch of one (``jax.vmap`` over the batch), so the results
+  are the official batch-1 results whatever ``config.eval.batch_size`` or the device count.
+* ``'eval'``: running averages and no dropout; deterministic.
+
+Randomness: the dropout key of sample ``k`` of example ``i`` (its position in the split, or in
+the sorted input folder) is ``fold_in(fold_in(PRNGKey(config.seed), k), i)``. The same seed
+gives the same samples, on any number of devices and with any batch size.
+
+Every process computes everything (evaluation is small); only process 0 writes files.
+"""
+import html
+import json
+import os
+import urllib.parse
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from PIL import Image
+
+from p2p_jax import checkpointing, models, parallel, train
+
+# SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03.
+_SSIM_SIGMA = 1.5
+_SSIM_RADIUS = 5
+_SSIM_K1, _SSIM_K2 = 0.01, 0.03
+
+
+def restore_generator(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """Builds the generator and restores its ``{'params', 'batch_stats'}``, replicated on ``mesh``.
+
+  Args:
+    config: the run config (``config.model``, ``config.eval.step``: -1 for the latest).
+    workdir: the run's workdir, holding ``checkpoints/``.
+    mesh: the device mesh.
+
+  Returns:
+    (generator module, variables, checkpoint step).
+  """
+  generator = models.create_generator(config.model, config.output_nc, train.compute_dtype(config))
+  shape = (1, config.crop_size, config.crop_size, config.input_nc)
+  abstract = jax.eval_shape(
+      lambda: models.init_variables(generator, jax.random.PRNGKey(0), shape))
+  step = None if config.eval.step < 0 else config.eval.step
+  variables, step = checkpointing.restore_generator(
+      workdir, abstract, parallel.replicated_sharding(mesh), step)
+  logging.info('Restored the generator from step %d of %s', step, workdir)
+  return generator, variables, step
+
+
+def _check_mode(mode: str) -> None:
+  if mode not in ('paper', 'eval'):
+    raise ValueError(f"config.eval.mode must be 'paper' or 'eval', got {mode!r}")
+
+
+def make_generate_fn(generator, mode: str, seed: int, mesh):
+  """A jitted ``fn(variables, images, ids) -> fakes`` that runs each example as a batch of one.
+
+  Args:
+    generator: the generator module.
+    mode: ``'paper'`` or ``'eval'`` (see the module docstring).
+    seed: ``config.seed``; dropout keys derive from it.
+    mesh: the device mesh; the result is replicated on it.
+
+  Returns:
+    The function. ``images`` is ``(N, H, W, input_nc)`` in [-1, 1]; ``ids`` is ``(N, 2)`` int32
+    rows ``(sample, example index)`` that pick each example's dropout key. The result is
+    ``(N, H, W, output_nc)`` float32 in [-1, 1].
+  """
+  _check_mode(mode)
+
+  def one(variables, image, ids):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), ids[0]), ids[1])
+    return models.generate(generator, variables, image[None], key, mode)[0]
+
+  def fn(variables, images, ids):
+    return jax.vmap(one, in_axes=(None, 0, 0))(variables, images, ids)
+
+  return jax.jit(fn, out_shardings=parallel.replicated_sharding(mesh))
+
+
+def _put(x: np.ndarray, sharding) -> jax.Array:
+  # Every process holds the whole batch, so each device takes its slice from it.
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def run_batch(generate_fn, variables, images: np.ndarray, sample: int, indices, batch_size: int,
+              mesh) -> np.ndarray:
+  """Generates ``images`` (at most ``batch_size``), padding to ``batch_size`` for sharding.
+
+  Padding cannot change the other results: each example is its own batch of one.
+
+  Args:
+    generate_fn: from ``make_generate_fn``.
+    variables: the generator variables.
+    images: ``(n, H, W, input_nc)`` float32 in [-1, 1], ``n <= batch_size``.
+    sample: the sample number (for the dropout keys).
+    indices: the ``n`` example indices (for the dropout keys).
+    batch_size: the padded batch size, a multiple of the device count.
+    mesh: the device mesh.
+
+  Returns:
+    ``(n, H, W, output_nc)`` float32 numpy in [-1, 1].
+  """
+  n = len(images)
+  pad = batch_size - n
+  images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+  ids = np.array([(sample, i) for i in list(indices) + [indices[-1]] * pad], np.int32)
+  sharding = parallel.batch_sharding(mesh)
+  out = generate_fn(variables, _put(images, sharding), _put(ids, sharding))
+  return np.asarray(out)[:n]
+
+
+def to_uint8(images) -> np.ndarray:
+  """[-1, 1] floats to uint8 pixels, rounded (the official ``tensor2im`` truncates)."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _gaussian_filter_valid(x: np.ndarray) -> np.ndarray:
+  """Separable 11x11 Gaussian filter over axes 0 and 1, keeping only fully covered pixels.
+
+  This is scikit-image's ``gaussian_filter`` followed by its crop of the 5-pixel border.
+  """
+  taps = np.arange(-_SSIM_RADIUS, _SSIM_RADIUS + 1)
+  w = np.exp(-0.5 * (taps / _SSIM_SIGMA) ** 2)
+  w /= w.sum()
+  size = 2 * _SSIM_RADIUS + 1
+  h = x.shape[0] - size + 1
+  x = sum(w[k] * x[k:k + h] for k in range(size))
+  v = x.shape[1] - size + 1
+  return sum(w[k] * x[:, k:k + v] for k in range(size))
+
+
+def ssim(x: np.ndarray, y: np.ndarray) -> float:
+  """Structural similarity (Wang et al. 2004) of two images in [0, 1], averaged over channels.
+
+  Gaussian 11x11 window with sigma 1.5, K1 = 0.01, K2 = 0.03, population (co)variances:
+  scikit-image's ``structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False, data_range=1, channel_axis=-1)``.
+
+  Args:
+    x, y: ``(H, W, C)`` arrays in [0, 1], H and W at least 11.
+
+  Returns:
+    The mean SSIM.
+  """
+  x = np.asarray(x, np.float64)
+  y = np.asarray(y, np.float64)
+  c1, c2 = _SSIM_K1 ** 2, _SSIM_K2 ** 2
+  mu_x, mu_y = _gaussian_filter_valid(x), _gaussian_filter_valid(y)
+  var_x = _gaussian_filter_valid(x * x) - mu_x ** 2
+  var_y = _gaussian_filter_valid(y * y) - mu_y ** 2
+  cov = _gaussian_filter_valid(x * y) - mu_x * mu_y
+  ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)
+              / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)))
+  return float(ssim_map.mean())
+
+
+def psnr(x: np.ndarray, y: np.ndarray) -> float:
+  """PSNR in dB of two uint8 images, on the [0, 255] scale (as usually reported).
+
+  An exact match counts as 100 dB rather than infinity, so averages and JSON stay finite.
+  """
+  mse = np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2)
+  return float(10.0 * np.log10(255.0 ** 2 / max(mse, 255.0 ** 2 * 1e-10)))
+
+
+def image_metrics(fake: np.ndarray, real: np.ndarray) -> dict:
+  """L1 on the [-1, 1] floats (the training L1 term without lambda); PSNR and SSIM on the
+  uint8 images as written to disk.
+
+  Args:
+    fake, real: ``(H, W, C)`` float in [-1, 1].
+
+  Returns:
+    ``{'L1', 'PSNR', 'SSIM'}``.
+  """
+  fake_u8, real_u8 = to_uint8(fake), to_uint8(real)
+  return {'L1': float(np.mean(np.abs(np.asarray(fake, np.float64) - real))),
+          'PSNR': psnr(fake_u8, real_u8),
+          'SSIM': ssim(fake_u8 / 255.0, real_u8 / 255.0)}
+
+
+def _pil(image_u8: np.ndarray) -> Image.Image:
+  return Image.fromarray(image_u8[..., 0] if image_u8.shape[-1] == 1 else image_u8)
+
+
+def _save_png(path: str, image_u8: np.ndarray) -> None:
+  _pil(image_u8).save(path)
+
+
+def _rgb(image_u8: np.ndarray) -> np.ndarray:
+  """Grey to RGB so that inputs and outputs of different channel counts sit in one row."""
+  return np.repeat(image_u8, 3, axis=-1) if image_u8.shape[-1] == 1 else image_u8
+
+
+def _check_unique(names, what: str) -> None:
+  seen = set()
+  for name in names:
+    if name in seen:
+      raise ValueError(f'Two {what} are both named {name!r}; their outputs would overwrite '
+                       'each other. Rename one.')
+    seen.add(name)
+
+
+def fake_names(name: str, num_samples: int) -> list:
+  """The file names of an example's fakes: ``{name}_fake_B.png`` or ``{name}_fake_B_{k}.png``."""
+  if num_samples == 1:
+    return [f'{name}_fake_B.png']
+  return [f'{name}_fake_B_{k}.png' for k in range(num_samples)]
+
+
+def write_results_page(path: str, title: str, summary: str, names, num_samples: int) -> None:
+  """An offline ``index.html`` like the official one: a row per example, input | outputs | target.
+
+  Args:
+    path: where to write it; the images are in ``images/`` next to it.
+    title: the page heading.
+    summary: a line under the heading (the metrics).
+    names: the example names, in order.
+    num_samples: fakes per example.
+  """
+  def img(file_name):
+    src = html.escape('images/' + urllib.parse.quote(file_name))
+    return f'<td><img src="{src}" width="256"></td>'
+
+  fake_headers = ''.join(f'<th>fake_B{"" if num_samples == 1 else f" #{k}"}</th>'
+                         for k in range(num_samples))
+  rows = []
+  for name in names:
+    cells = [img(f'{name}_real_A.png')] + [img(f) for f in fake_names(name, num_samples)]
+    cells.append(img(f'{name}_real_B.png'))
+    rows.append(f'<tr><td>{html.escape(name)}</td>{"".join(cells)}</tr>')
+  page = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}'
+          '</title>\n<style>body{font-family:sans-serif} td,th{padding:4px;text-align:center}'
+          '</style></head>\n<body>\n'
+          f'<h3>{html.escape(title)}</h3>\n<p>{html.escape(summary)}</p>\n<table>\n'
+          f'<tr><th>name</th><th>real_A</th>{fake_headers}<th>real_B</th></tr>\n'
+          + '\n'.join(rows) + '\n</table>\n</body></html>\n')
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(page)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Translates ``config.eval.split`` with the restored generator; writes images and metrics.
+
+  Writes (process 0 only) ``workdir/eval/<step>/images/{name}_real_A.png``, the fakes (see
+  ``fake_names``) and ``{name}_real_B.png``, ``index.html`` and ``metrics.json``, and the
+  scalars ``eval/L1``, ``eval/PSNR``, ``eval/SSIM`` with a few image rows to TensorBoard in
+  ``workdir/eval`` at the checkpoint step. Metrics are averaged over all examples and samples.
+
+  Args:
+    config: the run config (``config.eval.*``, ``config.dataset.*``, model fields).
+    workdir: the run's workdir.
+
+  Returns:
+    The metrics dict written to ``metrics.json``.
+  """
+  from p2p_jax import input_pipeline  # Imports grain/tfds; only the eval mode needs it.
+  mode, num_samples = config.eval.mode, config.eval.num_samples
+  _check_mode(mode)
+  if num_samples < 1 or (num_samples > 1 and mode != 'paper'):
+    raise ValueError(f'config.eval.num_samples={num_samples} must be 1, or more with '
+                     f"config.eval.mode='paper' (mode {mode!r} is deterministic).")
+  mesh = parallel.create_mesh()
+  batch_size = config.eval.batch_size
+  parallel.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
+  generator, variables, step = restore_generator(config, workdir, mesh)
+  generate_fn = make_generate_fn(generator, mode, config.seed, mesh)
+  dataset = input_pipeline.create_eval_dataset(config, config.eval.split)
+  num_images = len(dataset)
+  if not num_images:
+    raise ValueError(f'Split {config.eval.split!r} of the dataset is empty.')
+
+  is_writer = jax.process_index() == 0
+  out_dir = os.path.join(workdir, 'eval', str(step))
+  image_dir = os.path.join(out_dir, 'images')
+  if is_writer:
+    os.makedirs(image_dir, exist_ok=True)
+  names, sums, tb_rows = [], {'L1': 0.0, 'PSNR': 0.0, 'SSIM': 0.0}, []
+  for start in range(0, num_images, batch_size):
+    indices = list(range(start, min(start + batch_size, num_images)))
+    examples = [dataset[i] for i in indices]
+    real_a = np.stack([e['A'] for e in examples])
+    real_b = np.stack([e['B'] for e in examples])
+    fakes = [run_batch(generate_fn, variables, real_a, k, indices, batch_size, mesh)
+             for k in range(num_samples)]
+    for j, example in enumerate(examples):
+      name = str(example['name'])
+      names.append(name)
+      for k in range(num_samples):
+        for key, value in image_metrics(fakes[k][j], real_b[j]).items():
+          sums[key] += value
+      if is_writer:
+        a_u8, b_u8 = to_uint8(real_a[j]), to_uint8(real_b[j])
+        _save_png(os.path.join(image_dir, f'{name}_real_A.png'), a_u8)
+        _save_png(os.path.join(image_dir, f'{name}_real_B.png'), b_u8)
+        for k, file_name in enumerate(fake_names(name, num_samples)):
+          _save_png(os.path.join(image_dir, file_name), to_uint8(fakes[k][j]))
+        if len(tb_rows) < config.num_image_examples:
+          fake_u8 = to_uint8(fakes[0][j])
+          tb_rows.append(np.concatenate([_rgb(a_u8), _rgb(fake_u8), _rgb(b_u8)], axis=1))
+  _check_unique(names, f'examples of split {config.eval.split!r}')
+
+  count = num_images * num_samples
+  metrics = {'step': int(step), 'split': config.eval.split, 'mode': mode,
+             'num_images': num_images, 'num_samples': num_samples,
+             **{key: value / count for key, value in sums.items()}}
+  logging.info('Eval of step %d on %s (%s mode): %s', step, config.eval.split, mode, metrics)
+  writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'),
+                                                just_logging=not is_writer)
+  writer.write_scalars(step, {f'eval/{key}': metrics[key] for key in ('L1', 'PSNR', 'SSIM')})
+  if tb_rows:
+    writer.write_images(step, {'eval/real_A-fake_B-real_B': np.stack(tb_rows)})
+  writer.flush()
+  writer.close()
+  if is_writer:
+    with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+      json.dump(metrics, f, indent=2)
+    summary = ', '.join(f'{key} {metrics[key]:.4f}' for key in ('L1', 'PSNR', 'SSIM'))
+    write_results_page(os.path.join(out_dir, 'index.html'),
+                       f'Step {step}, split {config.eval.split}, mode {mode}',
+                       f'{num_images} images. {summary}', names, num_samples)
+  return metrics
+
+
+def required_multiple(netG: str) -> int:
+  """The factor that input height and width must be multiples of for generator ``netG``."""
+  if netG.startswith('unet_'):
+    return 2 ** (8 if netG == 'unet_256' else 7)
+  return 4  # The ResNet generators: two stride-2 downsamplings.
+
+
+def _open_image(path: str) -> Image.Image:
+  try:
+    image = Image.open(path)
+    image.load()
+  except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for non-images / truncation.
+    raise ValueError(f'{path} is not a readable image ({e}). --config.translate.input_dir '
+                     'must hold image files only.') from e
+  return image
+
+
+def _to_model_input(image: Image.Image, channels: int, size: Optional[int]) -> np.ndarray:
+  """A PIL image as ``(H, W, channels)`` float32 in [-1, 1], resized to ``size`` if given."""
+  if channels not in (1, 3):
+    raise ValueError(f'config.input_nc must be 1 or 3 to read image files, got {channels}')
+  image = image.convert('L' if channels == 1 else 'RGB')
+  if size is not None:
+    image = image.resize((size, size), Image.BICUBIC)
+  array = np.asarray(image, np.float32).reshape(image.height, image.width, channels)
+  return array / 127.5 - 1.0
+
+
+def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
+  """Translates every image in ``config.translate.input_dir`` to ``output_dir/<stem>.png``.
+
+  With ``config.translate.resize`` inputs are resized (bicubic) to ``crop_size`` and outputs
+  back to the input size; otherwise the generator runs fully convolutionally at the input size,
+  which must be a multiple of ``required_multiple(config.model.netG)``. Same-size inputs are
+  batched by the device count. ``config.eval.mode`` applies as in ``evaluate`` (sample 0, keys
+  from the file's position in the sorted folder). Subdirectories and dot-files are skipped.
+
+  Args:
+    config: the run config (``config.translate.*``, ``config.eval.mode``, model fields).
+    workdir: the run's workdir, holding the checkpoint.
+
+  Returns:
+    The output paths, in sorted input order.
+  """
+  input_dir, output_dir = config.translate.input_dir, config.translate.output_dir
+  if not input_dir or not output_dir:
+    raise ValueError('--mode=translate needs --config.translate.input_dir and '
+                     '--config.translate.output_dir.')
+  if not os.path.isdir(input_dir):
+    raise FileNotFoundError(f'config.translate.input_dir {input_dir} is not a directory.')
+  paths = [os.path.join(input_dir, f) for f in sorted(os.listdir(input_dir))
+           if not f.startswith('.') and not os.path.isdir(os.path.join(input_dir, f))]
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  _check_unique(stems, f'files of {input_dir} (without extension)')
+  _check_mode(config.eval.mode)
+  # Check every file before computing anything, so a bad file fails fast.
+  sizes = [_open_image(p).size for p in paths]  # PIL sizes are (width, height).
+  resize = config.translate.resize
+  multiple = required_multiple(config.model.netG)
+  if not resize:
+    for path, (w, h) in zip(paths, sizes):
+      if h % multiple or w % multiple:
+        raise ValueError(
+            f'{path} is {w}x{h}, but {config.model.netG} runs on heights and widths that are '
+            f'multiples of {multiple}. Set --config.translate.resize=True to resize inputs '
+            f'to crop_size ({config.crop_size}) and back.')
+
+  mesh = parallel.create_mesh()
+  generator, variables, _ = restore_generator(config, workdir, mesh)
+  generate_fn = make_generate_fn(generator, config.eval.mode, config.seed, mesh)
+  batch_size = mesh.devices.size
+  groups = {}  # Model input size -> indices of the files, so a batch has one shape.
+  for i, (w, h) in enumerate(sizes):
+    groups.setdefault((config.crop_size,) * 2 if resize else (h, w), []).append(i)
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    os.makedirs(output_dir, exist_ok=True)
+  outputs = [os.path.join(output_dir, f'{stem}.png') for stem in stems]
+  for indices in groups.values():
+    for start in range(0, len(indices), batch_size):
+      batch = indices[start:start + batch_size]
+      images = np.stack([_to_model_input(_open_image(paths[i]), config.input_nc,
+                                         config.crop_size if resize else None) for i in batch])
+      fakes = run_batch(generate_fn, variables, images, 0, batch, batch_size, mesh)
+      for i, fake in zip(batch, fakes):
+        image = _pil(to_uint8(fake))
+        if resize and image.size != sizes[i]:
+          image = image.resize(sizes[i], Image.BICUBIC)
+        if is_writer:
+          image.save(outputs[i])
+  logging.info('Translated %d images from %s to %s', len(paths), input_dir, output_dir)
+  return outputs
