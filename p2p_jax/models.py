@@ -170,17 +170,20 @@ class ResnetGenerator(nn.Module):
     return jnp.tanh(h.astype(jnp.float32))
 
 
+# unet_256 and unet_128 are the official names; the smaller ones serve CPU demos and tests.
+UNET_NAMES = {'unet_256': 8, 'unet_128': 7, 'unet_64': 6, 'unet_32': 5}
+
+
 def create_generator(model_config, output_nc: int, dtype: Any = jnp.float32) -> nn.Module:
   """Builds the generator named by ``model_config.netG`` (the official ``--netG`` names)."""
   name = model_config.netG
   common = dict(output_nc=output_nc, ngf=model_config.ngf, norm=model_config.norm,
                 use_dropout=model_config.use_dropout, dtype=dtype)
-  if name in ('unet_256', 'unet_128'):
-    return UNetGenerator(num_downs=8 if name == 'unet_256' else 7,
-                         conv_impl=model_config.conv_impl, **common)
+  if name in UNET_NAMES:
+    return UNetGenerator(num_downs=UNET_NAMES[name], conv_impl=model_config.conv_impl, **common)
   if name in ('resnet_9blocks', 'resnet_6blocks'):
     return ResnetGenerator(n_blocks=9 if name == 'resnet_9blocks' else 6, **common)
-  raise ValueError(f"config.model.netG must be one of 'unet_256', 'unet_128', "
+  raise ValueError(f'config.model.netG must be one of {sorted(UNET_NAMES)} or '
                    f"'resnet_9blocks', 'resnet_6blocks'; got {name!r}")
 
 

@@ -12,9 +12,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = 'data'
 
 
-def create_mesh() -> Mesh:
+def create_mesh(devices=None) -> Mesh:
+  """A 1-D ``data`` mesh over ``devices`` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
   # Auto axis types: Explicit (jax.make_mesh's default) breaks flax convs on sharded inputs.
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,),
+  return Mesh(np.asarray(devices), (DATA_AXIS,),
               axis_types=(jax.sharding.AxisType.Auto,))
 
 
