@@ -2,7 +2,9 @@
 import importlib.util
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,3 +32,45 @@ def tiny_config():
 @pytest.fixture
 def default_config():
   return load_config('default')
+
+
+def write_ab_image(path: str, index: int, side: int = 32) -> None:
+  """Writes an A|B test image whose halves are identical, asymmetric and tagged by index.
+
+  Each half holds red = x ramp, green = y ramp, blue = 16 * index (constant), so a crop or
+  flip shows in red/green, and blue survives resizing to identify the source file.
+  """
+  y, x = np.mgrid[:side, :side]
+  half = np.stack([x * 255 // (side - 1), y * 255 // (side - 1),
+                   np.full_like(x, 16 * index)], axis=-1).astype(np.uint8)
+  Image.fromarray(np.concatenate([half, half], axis=1)).save(path)
+
+
+def write_aligned_dataset(root: str, counts=(('train', 6), ('val', 2), ('test', 2)),
+                          side: int = 32, ext: str = '.png') -> str:
+  """An aligned dataset of ``write_ab_image`` files: ``root/{split}/{index:03d}{ext}``."""
+  for split, count in counts:
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    for i in range(count):
+      write_ab_image(os.path.join(root, split, f'{i:03d}{ext}'), i, side)
+  return root
+
+
+@pytest.fixture
+def aligned_config(tmp_path):
+  """The default config on a tiny aligned dataset: 32 px halves, load 36, crop 32, batch 2."""
+  config = load_config('default')
+  config.dataset.data_dir = write_aligned_dataset(str(tmp_path / 'aligned'))
+  config.load_size = 36
+  config.crop_size = 32
+  config.batch_size = 2
+  config.num_workers = 0
+  config.prefetch_buffer_size = 2
+  return config
+
+
+@pytest.fixture(scope='session')
+def demo_dir(tmp_path_factory):
+  """The demo dataset, written once per test session."""
+  from p2p_jax import datasets
+  return datasets.prepare_demo(str(tmp_path_factory.mktemp('demo') / 'demo'))

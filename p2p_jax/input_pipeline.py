@@ -1,0 +1,288 @@
+"""grain input pipelines: shard, shuffle, decode, jitter, batch, prefetch in workers.
+
+Training::
+
+  source (MapDataset) -> [process_index::process_count] -> shuffle (reseeded each epoch)
+    -> decode (PIL) -> random_map jitter (the official --preprocess, flip, [-1, 1])
+    -> repeat -> to_iter_dataset (threaded prefetch) -> batch (host share, drop_remainder)
+    -> mp_prefetch (config.num_workers processes)
+
+Batching comes after ``to_iter_dataset`` so that ``skip_bad_images`` can drop elements (grain
+batches a dataset with holes only as an ``IterDataset``); batches therefore run across epoch
+boundaries and no example is ever dropped. Everything random is a function of the seed and
+the element's position, so the iterator's ``get_state()`` fully describes where it is.
+Evaluation has no jitter: both images are resized to ``crop_size``.
+"""
+import functools
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from absl import logging
+from PIL import Image
+
+from p2p_jax import datasets
+
+PREPROCESS_OPTIONS = ('resize_and_crop', 'crop', 'scale_width', 'scale_width_and_crop',
+                      'none')
+_BICUBIC = Image.Resampling.BICUBIC
+# Threads decoding ahead in each reading process (PIL releases the GIL while decoding).
+_READ_THREADS = 4
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ``ValueError`` naming the option when a data option is invalid."""
+  def check(ok, option, message):
+    if not ok:
+      raise ValueError(f'config.{option}={config_value(option)!r}: {message}')
+
+  def config_value(option):
+    value = config
+    for key in option.split('.'):
+      value = value[key]
+    return value
+
+  check(config.dataset.name in ('aligned', 'cityscapes', 'demo'), 'dataset.name',
+        "must be 'aligned', 'cityscapes' or 'demo'")
+  check(config.dataset.direction in ('AtoB', 'BtoA'), 'dataset.direction',
+        "must be 'AtoB' or 'BtoA'")
+  check(config.preprocess in PREPROCESS_OPTIONS, 'preprocess',
+        f'must be one of {", ".join(PREPROCESS_OPTIONS)}')
+  for option in ('input_nc', 'output_nc'):
+    check(config[option] in (1, 3), option, 'must be 1 (grayscale) or 3 (RGB)')
+  for option in ('load_size', 'crop_size', 'batch_size', 'prefetch_buffer_size'):
+    check(isinstance(config[option], int) and config[option] > 0, option,
+          'must be a positive integer')
+  check(isinstance(config.num_workers, int) and config.num_workers >= 0, 'num_workers',
+        'must be a non-negative integer (0: decode in the main process)')
+  if config.preprocess in ('resize_and_crop', 'scale_width_and_crop'):
+    check(config.crop_size <= config.load_size, 'crop_size',
+          f'must be <= config.load_size={config.load_size} for preprocess='
+          f'{config.preprocess!r}')
+  check(config.batch_size % jax.process_count() == 0, 'batch_size',
+        f'the global batch must split evenly over the {jax.process_count()} processes')
+
+
+def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
+  """The number of examples in ``split``, over all processes (bad files included).
+
+  Args:
+    config: the experiment config.
+    split: 'train', 'val' or 'test'.
+
+  Returns:
+    The split's size.
+  """
+  return len(datasets.get_source(config, split).records)
+
+
+def create_train_iterator(config: ml_collections.ConfigDict,
+                          seed: int) -> grain.DatasetIterator:
+  """The infinite, jittered, checkpointable training iterator of this process.
+
+  Args:
+    config: the experiment config (``dataset.*``, ``preprocess``, ``load_size``,
+      ``crop_size``, ``flip``, ``batch_size`` (global), ``num_workers``, ...).
+    seed: the data seed. Shuffling and jitter are derived from it, the process index and the
+      epoch, so a run's batches are a function of the seed alone.
+
+  Returns:
+    An iterator of host-local batches ``{'A': float32 (host_batch, crop, crop, input_nc),
+    'B': float32 (host_batch, crop, crop, output_nc)}`` in [-1, 1], host_batch =
+    ``batch_size // process_count``. (With preprocess 'scale_width' or 'none' the spatial
+    size follows the images.) ``get_state()`` / ``set_state()`` save and restore its
+    position exactly; restore with the same config and ``num_workers``.
+  """
+  validate_config(config)
+  source = datasets.get_source(config, config.dataset.train_split)
+  host_batch = config.batch_size // jax.process_count()
+  # Different hosts get different jitter for the same position in their shard.
+  seed = int(np.random.SeedSequence([seed, jax.process_index()]).generate_state(1)[0])
+  ds = grain.MapDataset.source(source.records)
+  ds = ds[jax.process_index()::jax.process_count()]
+  if len(ds) < host_batch:
+    logging.warning('This process has %d training examples, fewer than its batch of %d.',
+                    len(ds), host_batch)
+  ds = ds.seed(seed).shuffle()
+  ds = ds.map(functools.partial(_decode, decode=source.decode,
+                                skip_bad_images=config.dataset.skip_bad_images))
+  ds = ds.random_map(functools.partial(
+      jitter, preprocess=config.preprocess, load_size=config.load_size,
+      crop_size=config.crop_size, flip=config.flip))
+  ds = ds.repeat(None)  # Reseeds shuffle and jitter with the epoch.
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=_READ_THREADS,
+      prefetch_buffer_size=max(_READ_THREADS, config.prefetch_buffer_size * host_batch)))
+  ds = ds.batch(host_batch, drop_remainder=True)
+  if config.num_workers > 0:
+    _mark_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer_size))
+  return iter(ds)
+
+
+def create_eval_dataset(config: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
+  """The deterministic, random-access evaluation dataset of ``split`` (not sharded).
+
+  Args:
+    config: the experiment config.
+    split: 'train', 'val' or 'test'.
+
+  Returns:
+    A ``MapDataset`` of ``{'A': float32 (crop, crop, input_nc), 'B': float32 (crop, crop,
+    output_nc), 'name': str}`` in [-1, 1], both images resized to ``crop_size`` (bicubic),
+    no jitter. With ``dataset.skip_bad_images`` a bad file's element is None
+    (``to_iter_dataset()`` leaves those out).
+  """
+  validate_config(config)
+  source = datasets.get_source(config, split)
+  ds = grain.MapDataset.source(source.records)
+  ds = ds.map(functools.partial(_decode, decode=source.decode,
+                                skip_bad_images=config.dataset.skip_bad_images))
+  return ds.map(functools.partial(resize_for_eval, crop_size=config.crop_size))
+
+
+# ---------------------------------------------------------------------------------------
+# Transforms (run in the grain workers).
+
+_skipped = set()  # Bad records this process has skipped (and logged) so far.
+
+
+def _decode(record: Any, decode, skip_bad_images: bool) -> dict | None:
+  try:
+    return decode(record)
+  except datasets.BadImageError as e:
+    if not skip_bad_images:
+      raise
+    if str(e) not in _skipped:
+      _skipped.add(str(e))
+      logging.warning('Skipping bad image (%d skipped so far by process %d): %s',
+                      len(_skipped), os.getpid(), e)
+    return None
+
+
+def jitter(example: dict, rng: np.random.Generator, *, preprocess: str, load_size: int,
+           crop_size: int, flip: bool) -> dict:
+  """The official training ``--preprocess``, with one random crop and flip for A and B.
+
+  Args:
+    example: ``{'A': PIL.Image, 'B': PIL.Image, 'name': str}``.
+    rng: grain's per-element generator.
+    preprocess: 'resize_and_crop' (bicubic resize to load_size x load_size, random
+      crop_size crop), 'crop' (random crop only), 'scale_width' (width to load_size, height
+      keeping the aspect ratio but at least crop_size), 'scale_width_and_crop' (then a
+      random crop), 'none' (sides rounded to a multiple of 4).
+    load_size: the resize target.
+    crop_size: the crop side.
+    flip: random horizontal flip.
+
+  Returns:
+    ``{'A': float32 HWC, 'B': float32 HWC}`` in [-1, 1].
+  """
+  a, b = example['A'], example['B']
+  if preprocess == 'resize_and_crop':
+    a, b = _resize(a, (load_size, load_size)), _resize(b, (load_size, load_size))
+  elif preprocess.startswith('scale_width'):
+    w, h = a.size
+    size = (load_size, int(max(load_size * h / w, crop_size)))
+    a, b = _resize(a, size), _resize(b, size)
+  elif preprocess == 'none':
+    w, h = a.size  # As the official __make_power_2 with base 4.
+    size = (max(4, int(round(w / 4) * 4)), max(4, int(round(h / 4) * 4)))
+    a, b = _resize(a, size), _resize(b, size)
+  a, b = _to_array(a), _to_array(b)
+  # Drawn in the official order (crop x, crop y, flip), whether or not they are used.
+  h, w = a.shape[:2]
+  x = int(rng.integers(0, max(0, w - crop_size) + 1))
+  y = int(rng.integers(0, max(0, h - crop_size) + 1))
+  flipped = rng.random() > 0.5 and flip
+  if 'crop' in preprocess:
+    if min(h, w, *b.shape[:2]) < crop_size:
+      raise datasets.BadImageError(
+          f'{example["name"]}: {w}x{h} after preprocess={preprocess!r} is smaller than '
+          f'crop_size={crop_size}')
+    a, b = a[y:y + crop_size, x:x + crop_size], b[y:y + crop_size, x:x + crop_size]
+  if flipped:
+    a, b = a[:, ::-1], b[:, ::-1]
+  return {'A': _normalize(a), 'B': _normalize(b)}
+
+
+def resize_for_eval(example: dict, *, crop_size: int) -> dict:
+  """Evaluation preprocessing: both images resized to crop_size (bicubic), in [-1, 1]."""
+  size = (crop_size, crop_size)
+  return {'A': _normalize(_to_array(_resize(example['A'], size))),
+          'B': _normalize(_to_array(_resize(example['B'], size))),
+          'name': example['name']}
+
+
+def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+  return image if image.size == size else image.resize(size, _BICUBIC)
+
+
+def _to_array(image: Image.Image) -> np.ndarray:
+  array = np.asarray(image)
+  return array[..., None] if array.ndim == 2 else array
+
+
+def _normalize(array: np.ndarray) -> np.ndarray:
+  return array.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+
+
+def _mark_absl_flags_parsed() -> None:
+  # grain's worker processes read absl flags. Under absl.app.run they are parsed; elsewhere
+  # (notebooks, pytest, scripts) their defaults are what we want.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+# ---------------------------------------------------------------------------------------
+# Throughput.
+
+
+def benchmark(config: ml_collections.ConfigDict, num_images: int = 512,
+              worker_counts: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
+  """Images/s of the training pipeline with 0, 1 and 2 worker processes.
+
+  Measures the config's jitter path (by default 286 -> 256 resize_and_crop) on JPEG files:
+  the config's aligned or demo dataset (the demo one in place of Cityscapes' PNGs). Worker
+  start-up and the first batches are excluded.
+
+  Args:
+    config: the experiment config.
+    num_images: images timed per worker count (after warm-up).
+    worker_counts: the ``num_workers`` values to measure.
+
+  Returns:
+    One dict per worker count: ``num_workers``, ``images_per_sec``, ``batch_size``
+    (host), ``num_images``, ``seconds``, ``crop_size``, ``data_dir``.
+  """
+  config = config.copy_and_resolve_references()
+  if config.dataset.name == 'cityscapes':
+    config.dataset.name, config.dataset.data_dir = 'demo', ''
+  host_batch = config.batch_size // jax.process_count()
+  num_batches = max(1, num_images // host_batch)
+  results = []
+  for num_workers in worker_counts:
+    config.num_workers = num_workers
+    iterator = create_train_iterator(config, seed=0)
+    for _ in range(max(4, 2 * config.prefetch_buffer_size)):  # Warm-up: fill the buffers.
+      next(iterator)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+      next(iterator)
+    seconds = time.perf_counter() - start
+    if hasattr(iterator, 'close'):
+      iterator.close()
+    images = num_batches * host_batch
+    results.append({'num_workers': num_workers, 'images_per_sec': images / seconds,
+                    'batch_size': host_batch, 'num_images': images, 'seconds': seconds,
+                    'crop_size': config.crop_size,
+                    'data_dir': config.dataset.data_dir or datasets.default_demo_dir()})
+    logging.info('Input pipeline, %d workers: %.1f images/s', num_workers,
+                 images / seconds)
+  return results
