@@ -316,6 +316,7 @@ _DEMO_CROPS = {
 
 
 def default_demo_dir() -> str:
+  """``$XDG_CACHE_HOME/p2p_jax/demo``, by default ``~/.cache/p2p_jax/demo``."""
   cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return os.path.join(cache, 'p2p_jax', 'demo')
 
@@ -345,9 +346,7 @@ def prepare_demo(data_dir: str = '') -> str:
   tmp = tempfile.mkdtemp(prefix='.demo-', dir=parent)
   try:
     _write_demo(tmp)
-    if os.path.isdir(data_dir):
-      os.rmdir(data_dir)  # Empty (checked above); only a missing target can be renamed onto.
-    os.rename(tmp, data_dir)
+    os.rename(tmp, data_dir)  # Atomic; replaces a missing or empty folder, never a full one.
     logging.info('Wrote the demo dataset to %s', data_dir)
   except OSError:
     if not os.path.isfile(os.path.join(data_dir, _DEMO_MARKER)):

@@ -105,12 +105,11 @@ def create_train_iterator(config: ml_collections.ConfigDict,
   seed = int(np.random.SeedSequence([seed, jax.process_index()]).generate_state(1)[0])
   ds = grain.MapDataset.source(source.records)
   ds = ds[jax.process_index()::jax.process_count()]
-  if len(ds) < host_batch:
-    logging.warning('This process has %d training examples, fewer than its batch of %d.',
-                    len(ds), host_batch)
+  if not len(ds):
+    raise ValueError(f'The {len(source.records)} training examples cannot feed '
+                     f'{jax.process_count()} processes: process {jax.process_index()} has none.')
   ds = ds.seed(seed).shuffle()
-  ds = ds.map(functools.partial(_decode, decode=source.decode,
-                                skip_bad_images=config.dataset.skip_bad_images))
+  ds = ds.map(DecodeOrSkip(source.decode, config.dataset.skip_bad_images, len(ds)))
   ds = ds.random_map(functools.partial(
       jitter, preprocess=config.preprocess, load_size=config.load_size,
       crop_size=config.crop_size, flip=config.flip))
@@ -142,28 +141,40 @@ def create_eval_dataset(config: ml_collections.ConfigDict, split: str) -> grain.
   validate_config(config)
   source = datasets.get_source(config, split)
   ds = grain.MapDataset.source(source.records)
-  ds = ds.map(functools.partial(_decode, decode=source.decode,
-                                skip_bad_images=config.dataset.skip_bad_images))
+  ds = ds.map(DecodeOrSkip(source.decode, config.dataset.skip_bad_images, len(ds)))
   return ds.map(functools.partial(resize_for_eval, crop_size=config.crop_size))
 
 
 # ---------------------------------------------------------------------------------------
 # Transforms (run in the grain workers).
 
-_skipped = set()  # Bad records this process has skipped (and logged) so far.
 
+class DecodeOrSkip:
+  """Decodes a record; with ``skip_bad_images``, logs each bad file once and yields None.
 
-def _decode(record: Any, decode, skip_bad_images: bool) -> dict | None:
-  try:
-    return decode(record)
-  except datasets.BadImageError as e:
-    if not skip_bad_images:
-      raise
-    if str(e) not in _skipped:
-      _skipped.add(str(e))
-      logging.warning('Skipping bad image (%d skipped so far by process %d): %s',
-                      len(_skipped), os.getpid(), e)
-    return None
+  Each grain worker process holds its own copy, so counts are per process.
+  """
+
+  def __init__(self, decode, skip_bad_images: bool, num_records: int):
+    self.decode = decode
+    self.skip_bad_images = skip_bad_images
+    self.num_records = num_records
+    self.skipped = set()  # Error messages (they name the file) of the files skipped here.
+
+  def __call__(self, record: Any) -> dict | None:
+    try:
+      return self.decode(record)
+    except datasets.BadImageError as e:
+      if not self.skip_bad_images:
+        raise
+      if str(e) not in self.skipped:
+        self.skipped.add(str(e))
+        logging.warning('Skipping bad image (%d of %d files skipped so far, process %d): %s',
+                        len(self.skipped), self.num_records, os.getpid(), e)
+        if len(self.skipped) == self.num_records:  # Else the pipeline would spin forever.
+          raise datasets.BadImageError(
+              f'All {self.num_records} images are bad (the last: {e})') from e
+      return None
 
 
 def jitter(example: dict, rng: np.random.Generator, *, preprocess: str, load_size: int,

@@ -112,7 +112,8 @@ def test_missing_data_dir_is_an_error(tmp_path):
 
 def test_missing_or_empty_split_folder_is_an_error(tmp_path):
   root = write_aligned_dataset(str(tmp_path), counts=(('train', 1),))
-  with pytest.raises(FileNotFoundError, match=r"val does not exist \(folders in data_dir: \['train'\]"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"val does not exist \(folders in data_dir: \['train'\]"):
     datasets.list_aligned_images(root, 'val')
   os.makedirs(tmp_path / 'test')
   (tmp_path / 'test' / 'notes.txt').write_text('not an image')
@@ -216,7 +217,10 @@ def test_prepare_demo_is_idempotent_and_safe_when_called_concurrently(tmp_path):
   assert os.path.getmtime(os.path.join(target, 'train')) == mtime
 
 
-def test_prepare_demo_refuses_a_non_empty_foreign_folder(tmp_path):
+def test_prepare_demo_fills_an_empty_folder_and_refuses_a_foreign_one(tmp_path):
+  os.makedirs(tmp_path / 'empty')
+  assert datasets.prepare_demo(str(tmp_path / 'empty')) == str(tmp_path / 'empty')
+  assert len(datasets.list_aligned_images(str(tmp_path / 'empty'), 'test')) == 4
   (tmp_path / 'mine.txt').write_text('')
   with pytest.raises(FileExistsError, match='not empty'):
     datasets.prepare_demo(str(tmp_path))
