@@ -28,7 +28,7 @@ from absl import logging
 from clu import metric_writers
 from PIL import Image
 
-from p2p_jax import checkpointing, models, parallel, train
+from p2p_jax import checkpointing, datasets, models, parallel, train
 
 # SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03.
 _SSIM_SIGMA = 1.5
@@ -204,13 +204,12 @@ def _rgb(image_u8: np.ndarray) -> np.ndarray:
   return np.repeat(image_u8, 3, axis=-1) if image_u8.shape[-1] == 1 else image_u8
 
 
-def _check_unique(names, what: str) -> None:
-  seen = set()
-  for name in names:
-    if name in seen:
-      raise ValueError(f'Two {what} are both named {name!r}; their outputs would overwrite '
-                       'each other. Rename one.')
-    seen.add(name)
+def _add_unique(seen: set, name: str, what: str) -> None:
+  """Adds ``name`` to ``seen``; two outputs of one name would overwrite each other."""
+  if name in seen:
+    raise ValueError(f'Two {what} are both named {name!r}; their outputs would overwrite '
+                     'each other. Rename one.')
+  seen.add(name)
 
 
 def fake_names(name: str, num_samples: int) -> list:
@@ -251,6 +250,32 @@ def write_results_page(path: str, title: str, summary: str, names, num_samples: 
     f.write(page)
 
 
+def _generate_split(dataset, generate_fn, variables, num_samples: int, batch_size: int, mesh):
+  """Yields ``(example, [fake_B of each sample])`` over ``dataset``, batch by batch."""
+  for start in range(0, len(dataset), batch_size):
+    batch = [(i, dataset[i]) for i in range(start, min(start + batch_size, len(dataset)))]
+    batch = [(i, e) for i, e in batch if e is not None]  # None: skipped by skip_bad_images.
+    if not batch:
+      continue
+    indices = [i for i, _ in batch]
+    real_a = np.stack([e['A'] for _, e in batch])
+    fakes = [run_batch(generate_fn, variables, real_a, k, indices, batch_size, mesh)
+             for k in range(num_samples)]
+    for j, (_, example) in enumerate(batch):
+      yield example, [fake[j] for fake in fakes]
+
+
+def _write_example(image_dir: str, name: str, real_a, fakes, real_b) -> np.ndarray:
+  """Writes an example's PNGs; returns its real_A | fake_B | real_B row (RGB uint8)."""
+  a_u8, b_u8 = to_uint8(real_a), to_uint8(real_b)
+  fakes_u8 = [to_uint8(fake) for fake in fakes]
+  _save_png(os.path.join(image_dir, f'{name}_real_A.png'), a_u8)
+  _save_png(os.path.join(image_dir, f'{name}_real_B.png'), b_u8)
+  for file_name, fake_u8 in zip(fake_names(name, len(fakes)), fakes_u8):
+    _save_png(os.path.join(image_dir, file_name), fake_u8)
+  return np.concatenate([_rgb(a_u8), _rgb(fakes_u8[0]), _rgb(b_u8)], axis=1)
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Translates ``config.eval.split`` with the restored generator; writes images and metrics.
 
@@ -278,39 +303,28 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   generator, variables, step = restore_generator(config, workdir, mesh)
   generate_fn = make_generate_fn(generator, mode, config.seed, mesh)
   dataset = input_pipeline.create_eval_dataset(config, config.eval.split)
-  num_images = len(dataset)
-  if not num_images:
-    raise ValueError(f'Split {config.eval.split!r} of the dataset is empty.')
 
   is_writer = jax.process_index() == 0
   out_dir = os.path.join(workdir, 'eval', str(step))
   image_dir = os.path.join(out_dir, 'images')
   if is_writer:
     os.makedirs(image_dir, exist_ok=True)
-  names, sums, tb_rows = [], {'L1': 0.0, 'PSNR': 0.0, 'SSIM': 0.0}, []
-  for start in range(0, num_images, batch_size):
-    indices = list(range(start, min(start + batch_size, num_images)))
-    examples = [dataset[i] for i in indices]
-    real_a = np.stack([e['A'] for e in examples])
-    real_b = np.stack([e['B'] for e in examples])
-    fakes = [run_batch(generate_fn, variables, real_a, k, indices, batch_size, mesh)
-             for k in range(num_samples)]
-    for j, example in enumerate(examples):
-      name = str(example['name'])
-      names.append(name)
-      for k in range(num_samples):
-        for key, value in image_metrics(fakes[k][j], real_b[j]).items():
-          sums[key] += value
-      if is_writer:
-        a_u8, b_u8 = to_uint8(real_a[j]), to_uint8(real_b[j])
-        _save_png(os.path.join(image_dir, f'{name}_real_A.png'), a_u8)
-        _save_png(os.path.join(image_dir, f'{name}_real_B.png'), b_u8)
-        for k, file_name in enumerate(fake_names(name, num_samples)):
-          _save_png(os.path.join(image_dir, file_name), to_uint8(fakes[k][j]))
-        if len(tb_rows) < config.num_image_examples:
-          fake_u8 = to_uint8(fakes[0][j])
-          tb_rows.append(np.concatenate([_rgb(a_u8), _rgb(fake_u8), _rgb(b_u8)], axis=1))
-  _check_unique(names, f'examples of split {config.eval.split!r}')
+  names, seen, sums, tb_rows = [], set(), {'L1': 0.0, 'PSNR': 0.0, 'SSIM': 0.0}, []
+  for example, fakes in _generate_split(dataset, generate_fn, variables, num_samples,
+                                        batch_size, mesh):
+    name = str(example['name'])
+    _add_unique(seen, name, f'examples of split {config.eval.split!r}')
+    names.append(name)
+    for fake in fakes:
+      for key, value in image_metrics(fake, example['B']).items():
+        sums[key] += value
+    if is_writer:
+      row = _write_example(image_dir, name, example['A'], fakes, example['B'])
+      if len(tb_rows) < config.num_image_examples:
+        tb_rows.append(row)
+  num_images = len(names)
+  if not num_images:
+    raise ValueError(f'Split {config.eval.split!r} of the dataset is empty.')
 
   count = num_images * num_samples
   metrics = {'step': int(step), 'split': config.eval.split, 'mode': mode,
@@ -336,26 +350,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def required_multiple(netG: str) -> int:
   """The factor that input height and width must be multiples of for generator ``netG``."""
-  if netG.startswith('unet_'):
-    return 2 ** (8 if netG == 'unet_256' else 7)
+  if netG in models.UNET_NAMES:
+    return 2 ** models.UNET_NAMES[netG]
   return 4  # The ResNet generators: two stride-2 downsamplings.
 
 
-def _open_image(path: str) -> Image.Image:
-  try:
-    image = Image.open(path)
-    image.load()
-  except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for non-images / truncation.
-    raise ValueError(f'{path} is not a readable image ({e}). --config.translate.input_dir '
-                     'must hold image files only.') from e
-  return image
-
-
-def _to_model_input(image: Image.Image, channels: int, size: Optional[int]) -> np.ndarray:
-  """A PIL image as ``(H, W, channels)`` float32 in [-1, 1], resized to ``size`` if given."""
-  if channels not in (1, 3):
-    raise ValueError(f'config.input_nc must be 1 or 3 to read image files, got {channels}')
-  image = image.convert('L' if channels == 1 else 'RGB')
+def _read_image(path: str, channels: int, size: Optional[int]) -> np.ndarray:
+  """An image file as ``(H, W, channels)`` float32 in [-1, 1], resized to ``size`` if given."""
+  image = datasets.to_channels(datasets.to_8bit(datasets.open_image(path, path), path), channels)
   if size is not None:
     image = image.resize((size, size), Image.BICUBIC)
   array = np.asarray(image, np.float32).reshape(image.height, image.width, channels)
@@ -387,10 +389,15 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
   paths = [os.path.join(input_dir, f) for f in sorted(os.listdir(input_dir))
            if not f.startswith('.') and not os.path.isdir(os.path.join(input_dir, f))]
   stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-  _check_unique(stems, f'files of {input_dir} (without extension)')
+  seen = set()
+  for stem in stems:
+    _add_unique(seen, stem, f'files of {input_dir} (without extension)')
   _check_mode(config.eval.mode)
-  # Check every file before computing anything, so a bad file fails fast.
-  sizes = [_open_image(p).size for p in paths]  # PIL sizes are (width, height).
+  if config.input_nc not in (1, 3):
+    raise ValueError(f'config.input_nc must be 1 or 3 to read image files, got {config.input_nc}')
+  # Decode every file before computing anything, so a bad file fails fast (BadImageError, a
+  # ValueError naming the file).
+  sizes = [datasets.open_image(p, p).size for p in paths]  # PIL sizes are (width, height).
   resize = config.translate.resize
   multiple = required_multiple(config.model.netG)
   if not resize:
@@ -415,8 +422,8 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
   for indices in groups.values():
     for start in range(0, len(indices), batch_size):
       batch = indices[start:start + batch_size]
-      images = np.stack([_to_model_input(_open_image(paths[i]), config.input_nc,
-                                         config.crop_size if resize else None) for i in batch])
+      images = np.stack([_read_image(paths[i], config.input_nc,
+                                     config.crop_size if resize else None) for i in batch])
       fakes = run_batch(generate_fn, variables, images, 0, batch, batch_size, mesh)
       for i, fake in zip(batch, fakes):
         image = _pil(to_uint8(fake))
