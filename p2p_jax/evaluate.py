@@ -21,7 +21,6 @@ import urllib.parse
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -29,12 +28,6 @@ from clu import metric_writers
 from PIL import Image
 
 from p2p_jax import checkpointing, datasets, models, parallel, train
-
-# SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03.
-_SSIM_SIGMA = 1.5
-_SSIM_RADIUS = 5
-_SSIM_K1, _SSIM_K2 = 0.01, 0.03
-
 
 def restore_generator(config: ml_collections.ConfigDict, workdir: str, mesh):
   """Builds the generator and restores its ``{'params', 'batch_stats'}``, replicated on ``mesh``.
@@ -131,10 +124,9 @@ def _gaussian_filter_valid(x: np.ndarray) -> np.ndarray:
 
   This is scikit-image's ``gaussian_filter`` followed by its crop of the 5-pixel border.
   """
-  taps = np.arange(-_SSIM_RADIUS, _SSIM_RADIUS + 1)
-  w = np.exp(-0.5 * (taps / _SSIM_SIGMA) ** 2)
+  size, sigma = 11, 1.5
+  w = np.exp(-0.5 * ((np.arange(size) - size // 2) / sigma) ** 2)
   w /= w.sum()
-  size = 2 * _SSIM_RADIUS + 1
   h = x.shape[0] - size + 1
   x = sum(w[k] * x[k:k + h] for k in range(size))
   v = x.shape[1] - size + 1
@@ -156,7 +148,7 @@ def ssim(x: np.ndarray, y: np.ndarray) -> float:
   """
   x = np.asarray(x, np.float64)
   y = np.asarray(y, np.float64)
-  c1, c2 = _SSIM_K1 ** 2, _SSIM_K2 ** 2
+  c1, c2 = 0.01 ** 2, 0.03 ** 2  # (K1 * L)^2, (K2 * L)^2 with the range L = 1.
   mu_x, mu_y = _gaussian_filter_valid(x), _gaussian_filter_valid(y)
   var_x = _gaussian_filter_valid(x * x) - mu_x ** 2
   var_y = _gaussian_filter_valid(y * y) - mu_y ** 2
@@ -193,10 +185,6 @@ def image_metrics(fake: np.ndarray, real: np.ndarray) -> dict:
 
 def _pil(image_u8: np.ndarray) -> Image.Image:
   return Image.fromarray(image_u8[..., 0] if image_u8.shape[-1] == 1 else image_u8)
-
-
-def _save_png(path: str, image_u8: np.ndarray) -> None:
-  _pil(image_u8).save(path)
 
 
 def _rgb(image_u8: np.ndarray) -> np.ndarray:
@@ -269,10 +257,10 @@ def _write_example(image_dir: str, name: str, real_a, fakes, real_b) -> np.ndarr
   """Writes an example's PNGs; returns its real_A | fake_B | real_B row (RGB uint8)."""
   a_u8, b_u8 = to_uint8(real_a), to_uint8(real_b)
   fakes_u8 = [to_uint8(fake) for fake in fakes]
-  _save_png(os.path.join(image_dir, f'{name}_real_A.png'), a_u8)
-  _save_png(os.path.join(image_dir, f'{name}_real_B.png'), b_u8)
+  _pil(a_u8).save(os.path.join(image_dir, f'{name}_real_A.png'))
+  _pil(b_u8).save(os.path.join(image_dir, f'{name}_real_B.png'))
   for file_name, fake_u8 in zip(fake_names(name, len(fakes)), fakes_u8):
-    _save_png(os.path.join(image_dir, file_name), fake_u8)
+    _pil(fake_u8).save(os.path.join(image_dir, file_name))
   return np.concatenate([_rgb(a_u8), _rgb(fakes_u8[0]), _rgb(b_u8)], axis=1)
 
 
