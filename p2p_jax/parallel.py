@@ -49,3 +49,29 @@ def to_global(batch, mesh: Mesh):
   """Assembles each process's host-local numpy batch into global arrays sharded on ``data``."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def initialize_distributed(distributed_config) -> None:
+  """Joins JAX's multi-controller runtime when the config asks for it; no-op otherwise.
+
+  Explicit ``coordinator_address`` / ``num_processes`` / ``process_id`` are passed through;
+  with ``enabled`` alone, ``jax.distributed.initialize()`` auto-detects TPU pods and SLURM.
+  """
+  explicit = bool(distributed_config.coordinator_address)
+  if not (distributed_config.enabled or explicit):
+    return
+  kwargs = {}
+  if explicit:
+    kwargs = dict(coordinator_address=distributed_config.coordinator_address,
+                  num_processes=distributed_config.num_processes,
+                  process_id=distributed_config.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+def agree_to_stop(local_request: bool) -> bool:
+  """True on every process if any process was asked to stop (e.g. SIGTERM on one host)."""
+  if jax.process_count() == 1:
+    return local_request
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.asarray(local_request, np.int32))
+  return bool(np.any(flags))

@@ -1,15 +1,20 @@
 """pix2pix training: the state, the LR schedule and the jitted, sharded train step."""
 import functools
-from typing import Any, Callable
+import signal
+import time
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
 from flax import struct
 
-from p2p_jax import losses, models, parallel
+from p2p_jax import checkpointing, input_pipeline, losses, models, parallel
 
 
 class NetState(struct.PyTreeNode):
@@ -184,3 +189,188 @@ def make_train_step(pix2pix: Pix2Pix, mesh, lr_fn: Callable):
   replicated = parallel.replicated_sharding(mesh)
   return jax.jit(step_fn, in_shardings=(replicated, parallel.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop.
+
+
+class _StopRequest:
+  """Set by SIGTERM (how TPU VMs and SLURM preempt): finish the step, save, exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning('Received signal %d: stopping after this step, with a checkpoint.', signum)
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _stop_non_finite(step: int, what, manager) -> None:
+  last = manager.latest_step()
+  where = (f'the last good checkpoint is step {last} in {manager.directory}' if last is not None
+           else 'no checkpoint was saved yet')
+  raise FloatingPointError(
+      f'Non-finite {what} at step {step}. Stopping; {where} (the bad state was not saved). '
+      'Lower config.optim.lr or check the data.')
+
+
+def _fetch_metrics(pending: list, manager) -> dict:
+  """Fetches the metrics of the steps since the last check; stops loudly on a non-finite loss.
+
+  Args:
+    pending: ``(step, metrics)`` pairs, metrics still on device; ``step`` counts from 1.
+    manager: the checkpoint manager (named in the error).
+
+  Returns:
+    The mean of each metric over those steps.
+  """
+  fetched = [(step, jax.device_get(m)) for step, m in pending]
+  for step, metrics in fetched:
+    bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
+    if bad:
+      _stop_non_finite(step, f'loss {bad}', manager)
+  return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]} if fetched else {}
+
+
+def _image_grid(real_a: np.ndarray, fake_b: np.ndarray, real_b: np.ndarray) -> np.ndarray:
+  """Rows of input | generated | target, as one float image in [0, 1]."""
+  def rgb(x):
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+  rows = [np.concatenate([rgb(a), rgb(f), rgb(b)], axis=1) for a, f, b in
+          zip(real_a, fake_b, real_b)]
+  return (np.concatenate(rows, axis=0) + 1) / 2
+
+
+def _fixed_examples(config, split: str) -> Optional[dict]:
+  """The first ``num_image_examples`` of ``split`` (un-jittered), or None if it has none."""
+  try:
+    dataset = input_pipeline.create_eval_dataset(config, split)
+  except FileNotFoundError as e:
+    logging.warning('No %s images for TensorBoard: %s', split, e)
+    return None
+  examples = [dataset[i] for i in range(min(config.num_image_examples, len(dataset)))]
+  examples = [e for e in examples if e is not None]
+  if not examples:
+    return None
+  return {'A': np.stack([e['A'] for e in examples]), 'B': np.stack([e['B'] for e in examples])}
+
+
+def _write_images(writer, pix2pix: Pix2Pix, state: TrainState, examples: dict, step: int,
+                  generate_fn) -> dict:
+  """Writes input | generated | target grids; returns the L1 of each set (in [-1, 1] units)."""
+  images, l1 = {}, {}
+  for name, ex in examples.items():
+    fake = np.asarray(jax.device_get(generate_fn(state.generator.variables, ex['A'],
+                                                 state.rng)))
+    images[f'{name}/input_generated_target'] = _image_grid(ex['A'], fake, ex['B'])[None]
+    l1[f'{name}_L1'] = float(np.mean(np.abs(fake - ex['B'])))
+  writer.write_images(step, images)
+  return l1
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains pix2pix, resuming from the latest checkpoint in ``workdir/checkpoints``.
+
+  Args:
+    config: the experiment config (configs/*.py).
+    workdir: checkpoints, TensorBoard event files and the config go here.
+
+  Returns:
+    The final train state.
+  """
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  num_train = input_pipeline.num_examples(config, config.dataset.train_split)
+  steps_per_epoch = max(1, num_train // config.batch_size)
+  num_steps = (config.num_train_steps if config.num_train_steps > 0 else
+               (config.n_epochs + config.n_epochs_decay) * steps_per_epoch)
+  pix2pix = create_pix2pix(config, steps_per_epoch)
+  replicated = parallel.replicated_sharding(mesh)
+
+  train_iter = input_pipeline.create_train_iterator(config, seed=config.seed)
+  manager = checkpointing.create_manager(workdir, config.max_to_keep)
+  state = jax.device_put(create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed)),
+                         replicated)
+  if manager.latest_step() is not None:
+    state = checkpointing.restore_train_state(manager, manager.latest_step(), state, replicated,
+                                              train_iter)
+  start_step = int(state.step)
+
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  if start_step == 0:
+    writer.write_hparams(_flatten(config.to_dict()))
+    for name, net in (('generator', state.generator), ('discriminator', state.discriminator)):
+      logging.info('%s parameters:\n%s', name,
+                   parameter_overview.get_parameter_overview(net.params))
+  logging.info('%d training examples, %d steps per epoch, training steps %d -> %d.',
+               num_train, steps_per_epoch, start_step, num_steps)
+
+  train_step_fn = make_train_step(pix2pix, mesh, lr_schedule(config, steps_per_epoch))
+  generate_fn = jax.jit(functools.partial(models.generate, pix2pix.generator, mode='paper'))
+  examples = {name: ex for name, ex in (
+      ('train', _fixed_examples(config, config.dataset.train_split)),
+      ('heldout', _fixed_examples(config, config.dataset.eval_split))) if ex is not None}
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
+  if config.profile and is_chief:
+    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
+  stop = _StopRequest()
+  pending = []  # (step, metrics on device) since the last host sync.
+  last_log = (time.time(), start_step)
+  try:
+    for step in range(start_step, num_steps):
+      batch = parallel.to_global(next(train_iter), mesh)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = train_step_fn(state, batch)
+      pending.append((step + 1, metrics))
+      for hook in hooks:
+        hook(step + 1)
+      done = step + 1 == num_steps or parallel.agree_to_stop(stop.requested)
+      if (step + 1) % config.log_every_steps == 0 or done:
+        summary = _fetch_metrics(pending, manager)
+        pending = []
+        now = time.time()
+        steps_per_sec = (step + 1 - last_log[1]) / (now - last_log[0])
+        last_log = (now, step + 1)
+        summary.update(steps_per_sec=steps_per_sec,
+                       images_per_sec=steps_per_sec * config.batch_size,
+                       epoch=(step + 1) / steps_per_epoch)
+        writer.write_scalars(step + 1, summary)
+      if examples and ((step + 1) % config.image_every_steps == 0 or done):
+        writer.write_scalars(step + 1, _write_images(writer, pix2pix, state, examples, step + 1,
+                                                     generate_fn))
+      if (step + 1) % config.checkpoint_every_steps == 0 or done:
+        _fetch_metrics(pending, manager)
+        if not bool(_all_finite((state.generator.params, state.discriminator.params))):
+          _stop_non_finite(step + 1, 'parameters', manager)
+        checkpointing.save(manager, state, config, train_iter, force=True)
+      if done:
+        break
+  finally:
+    stop.restore()
+    manager.wait_until_finished()  # Never exit with a save half-written.
+    writer.flush()
+  if stop.requested:
+    logging.warning('Stopped at step %d on request; resume by running the same command.',
+                    int(state.step))
+  return state
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  flat = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      flat.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      flat[f'{prefix}{k}'] = v
+  return flat
