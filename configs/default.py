@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'val'  # Held-out images shown in TensorBoard while training.
   config.dataset.skip_bad_images = False  # Skip (and log once) unreadable / malformed files.
+  config.dataset.check_ab_shape = True  # Refuse A|B files whose width is not 2x height.
   config.input_nc = 3
   config.output_nc = 3
 
@@ -83,4 +84,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed.coordinator_address = ''
   config.distributed.num_processes = -1
   config.distributed.process_id = -1
+  # A process silent this long counts as dead, and all the others then exit with an error.
+  config.distributed.heartbeat_timeout_seconds = 100
   return config

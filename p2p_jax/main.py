@@ -5,6 +5,8 @@ GPU cluster (see launch/README.md). ``--mode=eval`` and ``--mode=translate`` res
 generator from the workdir's checkpoints. Override any config field with
 ``--config.<field>=<value>``; unknown fields are an error.
 """
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -25,10 +27,18 @@ def _hide_accelerators_from_tensorflow():
   tf.config.set_visible_devices([], 'GPU')
 
 
+class _QuietOrbaxInfo:
+  """Orbax logs a dozen INFO lines per save; keep the console to our progress lines."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > std_logging.INFO or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = FLAGS.config
+  logging.get_absl_handler().addFilter(_QuietOrbaxInfo())
   # Before any other JAX call: multi-host runs join the distributed runtime here.
   from p2p_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(config.distributed)
