@@ -1,4 +1,5 @@
 """The jitted train step: official update order, learning, determinism, schedule, sharding."""
+import functools
 import os
 import subprocess
 import sys
@@ -83,11 +84,8 @@ def test_step_follows_the_official_update_order(compiled):
   g, d = jax.device_get(state.generator), jax.device_get(state.discriminator)
   key = jax.random.fold_in(state.rng, 0)
 
-  @jax.jit
-  def reference_step():
-    return _reference_step(G, D, opt, g, d, key, batch)
-
-  d_params, g_params, g_stats = reference_step()
+  reference_step = jax.jit(functools.partial(_reference_step, G, D, opt))
+  d_params, g_params, g_stats = reference_step(g, d, key, batch)
   new_state, _ = step_fn(state, batch)
   tol = dict(rtol=1e-4, atol=1e-5)  # Adam's first step is +-lr (1e-3) wherever grad != 0.
   for actual, expected in [(new_state.discriminator.params, d_params),
@@ -156,7 +154,13 @@ SHARDED_SCRIPT = textwrap.dedent('''
                                      metrics)))
       if len(devices) == 8:
         assert len(state.generator.params['down0']['kernel'].sharding.device_set) == 8
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
+    # Adam's update is lr * m / sqrt(v): where a gradient is ~0 its float32 rounding (a
+    # different reduction order over 8 devices) moves a parameter by up to a few % of lr.
+    params_tol = dict(rtol=1e-4, atol=1e-4)
+    for i, tol in enumerate([params_tol, dict(rtol=1e-4, atol=1e-5), params_tol,
+                             dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-5, atol=1e-6)]):
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), results[0][i],
+                   results[1][i])
     with pytest.raises(ValueError, match='config.batch_size=4 is not divisible by the 8 devices'):
       parallel.check_batch_size(4, parallel.create_mesh())
     print('SHARDED_OK')
