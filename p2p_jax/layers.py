@@ -53,6 +53,62 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
       lhs_dilation=(stride, stride), dimension_numbers=DIMENSION_NUMBERS)
 
 
+# A 4x4 layer whose low-resolution side (the output of a down-conv, the input of an up-conv)
+# has at most this many pixels, batch included, runs as one matmul over im2col patches. There,
+# XLA:CPU's convolution kernels cost several times their FLOPs (per-call overhead and kernel
+# re-layouts around a few output pixels), while a GEMM streams the kernel once. Above it, the
+# convolution kernels win; see the measurements in the README's performance section.
+MATMUL_MAX_PIXELS = 256
+# Below this many output channels, XLA:CPU computes a convolution's kernel gradient with a slow
+# generic loop (its fast convolution path wants more than 16 features), so use the matmul form.
+MATMUL_MAX_FEATURES = 16
+
+
+def patches_4x4(x: jax.Array, stride: int) -> jax.Array:
+  """im2col for a 4x4 kernel with zero padding 1 and the given stride.
+
+  Args:
+    x: ``(N, H, W, C)``.
+    stride: 1 or 2.
+
+  Returns:
+    ``(N, Ho, Wo, 16 * C)`` with ``Ho = (H - 2) // stride + 1``; the last axis is ordered
+    ``(kh, kw, c)``, as an HWIO kernel reshaped to ``(16 * C, out)``.
+  """
+  n, h, w, c = x.shape
+  ho, wo = (h - 2) // stride + 1, (w - 2) // stride + 1
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  taps = [lax.slice(xp, (0, kh, kw, 0),
+                    (n, kh + stride * (ho - 1) + 1, kw + stride * (wo - 1) + 1, c),
+                    (1, stride, stride, 1))
+          for kh in range(4) for kw in range(4)]
+  return jnp.concatenate(taps, axis=-1)
+
+
+def conv_4x4_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """``Conv2d(kernel 4, stride, padding 1)`` as im2col patches times the reshaped kernel.
+
+  Its gradients are matmuls too (``patches^T @ dy`` and ``dy @ kernel^T``, then the adjoint of
+  im2col, which XLA fuses into one loop), so no kernel flip or re-layout is materialised.
+  """
+  return jnp.dot(patches_4x4(x, stride), kernel.reshape(-1, kernel.shape[-1]))
+
+
+def up_conv_4x4_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as one matmul, then col2im.
+
+  Input pixel ``i`` sends ``x[i] @ kernel[k]`` to output ``2i - 1 + k``, which is exactly the
+  adjoint of :func:`patches_4x4` with stride 2 (that reads output ``2i - 1 + k`` into patch
+  ``(i, k)``). So: one ``(pixels, in) @ (in, 16 * out)`` matmul, then that adjoint.
+  """
+  n, h, w, c_in = x.shape
+  c_out = kernel.shape[-1]
+  cols = jnp.dot(x, kernel.transpose(2, 0, 1, 3).reshape(c_in, 16 * c_out))
+  out = jax.ShapeDtypeStruct((n, 2 * h, 2 * w, c_out), cols.dtype)
+  (y,) = jax.linear_transpose(lambda y: patches_4x4(y, 2), out)(cols)
+  return y
+
+
 def up_conv_4x4_subpixel(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as four 2x2 phase convolutions.
 
@@ -63,13 +119,15 @@ def up_conv_4x4_subpixel(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """
   n, h, w, _ = x.shape
   out = kernel.shape[-1]
-  taps = ((3, 1), (2, 0))  # Kernel taps for input offsets (-1, 0) and (0, +1), per phase.
+  # Kernel taps for input offsets (-1, 0) and (0, +1), per phase, as static strided slices
+  # (index arrays would become gathers, and their gradients scatters).
+  taps = (slice(3, None, -2), slice(2, None, -2))
   pads = ((1, 0), (0, 1))
   rows = []
   for rh in (0, 1):
     cols = []
     for rw in (0, 1):
-      k = kernel[jnp.array(taps[rh])][:, jnp.array(taps[rw])]
+      k = kernel[taps[rh], taps[rw]]
       cols.append(lax.conv_general_dilated(
           x, k, window_strides=(1, 1), padding=(pads[rh], pads[rw]),
           dimension_numbers=DIMENSION_NUMBERS))
@@ -78,20 +136,71 @@ def up_conv_4x4_subpixel(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return y.reshape(n, 2 * h, 2 * w, out)
 
 
+def _use_matmul(pixels: int, features: int) -> bool:
+  return pixels <= MATMUL_MAX_PIXELS or features <= MATMUL_MAX_FEATURES
+
+
+def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """:func:`conv`, with 4x4 padding-1 layers in their fastest exact formulation.
+
+  Args:
+    x: ``(N, H, W, in)``.
+    kernel: ``(kh, kw, in, out)``.
+    stride, padding: as in torch.
+
+  Returns:
+    The same values as ``conv(x, kernel, stride, padding)``, to float32 rounding.
+  """
+  n, h, w, _ = x.shape
+  if kernel.shape[:2] == (4, 4) and padding == 1 and stride in (1, 2):
+    pixels = n * ((h - 2) // stride + 1) * ((w - 2) // stride + 1)
+    if _use_matmul(pixels, kernel.shape[-1]):
+      return conv_4x4_matmul(x, kernel, stride)
+  return conv(x, kernel, stride, padding)
+
+
+def up_conv_4x4_fast(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``ConvTranspose2d(kernel 4, stride 2, padding 1)``: matmul on small inputs, else sub-pixel.
+
+  Args:
+    x: ``(N, H, W, in)``.
+    kernel: ``(4, 4, in, out)``, stored as for :func:`conv_transpose`.
+
+  Returns:
+    ``(N, 2H, 2W, out)``, equal to ``conv_transpose(x, kernel, 2, 1)`` to float32 rounding.
+  """
+  n, h, w, _ = x.shape
+  if _use_matmul(n * h * w, kernel.shape[-1]):
+    return up_conv_4x4_matmul(x, kernel)
+  return up_conv_4x4_subpixel(x, kernel)
+
+
+def _check_impl(impl: str) -> None:
+  if impl not in ('fast', 'plain'):
+    raise ValueError(f"conv_impl must be 'fast' or 'plain', got {impl!r}")
+
+
 class Conv(nn.Module):
-  """``torch.nn.Conv2d`` with zero padding, canonical HWIO kernel, N(0, 0.02) init."""
+  """``torch.nn.Conv2d`` with zero padding, canonical HWIO kernel, N(0, 0.02) init.
+
+  ``impl='fast'`` runs 4x4 padding-1 layers through :func:`conv_fast`; ``impl='plain'`` always
+  uses ``lax.conv_general_dilated``. Both read the same parameters.
+  """
   features: int
   kernel_size: int
   stride: int = 1
   padding: int = 0
   use_bias: bool = True
+  impl: str = 'fast'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    _check_impl(self.impl)
     kernel = self.param('kernel', weight_init,
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
-    y = conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+    op = conv_fast if self.impl == 'fast' else conv
+    y = op(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
     return y
@@ -100,8 +209,8 @@ class Conv(nn.Module):
 class ConvTranspose(nn.Module):
   """``torch.nn.ConvTranspose2d``; kernel stored ``(kh, kw, in, out)``, unflipped.
 
-  ``impl='fast'`` computes the pix2pix 4x4/stride-2/padding-1 case as sub-pixel phase
-  convolutions; ``impl='plain'`` always uses the dilated formulation. Both read the same
+  ``impl='fast'`` computes the pix2pix 4x4/stride-2/padding-1 case with
+  :func:`up_conv_4x4_fast`; ``impl='plain'`` always uses the dilated formulation. Both read the same
   parameters and agree to float32 rounding.
   """
   features: int
@@ -118,11 +227,10 @@ class ConvTranspose(nn.Module):
     kernel = self.param('kernel', weight_init,
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if self.impl not in ('fast', 'plain'):
-      raise ValueError(f"conv_impl must be 'fast' or 'plain', got {self.impl!r}")
+    _check_impl(self.impl)
     is_4x4_s2_p1 = (self.kernel_size, self.stride, self.padding, self.output_padding) == (4, 2, 1, 0)
     if self.impl == 'fast' and is_4x4_s2_p1:
-      y = up_conv_4x4_subpixel(x, kernel)
+      y = up_conv_4x4_fast(x, kernel)
     else:
       y = conv_transpose(x, kernel, self.stride, self.padding, self.output_padding)
     if self.use_bias:

@@ -53,7 +53,7 @@ class UNetGenerator(nn.Module):
     inner_channels = [self.ngf * min(2 ** i, 8) for i in range(n)]  # Down-conv outputs.
     outer_channels = [self.output_nc] + inner_channels[:-1]  # Up-conv outputs.
     down_conv = functools.partial(layers.Conv, kernel_size=4, stride=2, padding=1,
-                                  dtype=self.dtype)
+                                  impl=self.conv_impl, dtype=self.dtype)
     up_conv = functools.partial(layers.ConvTranspose, kernel_size=4, stride=2, padding=1,
                                 impl=self.conv_impl, dtype=self.dtype)
 
@@ -90,13 +90,14 @@ class PatchGANDiscriminator(nn.Module):
   ndf: int = 64
   n_layers: int = 3
   norm: str = 'batch'
+  conv_impl: str = 'fast'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     use_bias = self.norm == 'instance'
     norm = lambda i: layers.make_norm(self.norm, train, self.dtype, f'norm{i}')
-    conv = functools.partial(layers.Conv, dtype=self.dtype)
+    conv = functools.partial(layers.Conv, impl=self.conv_impl, dtype=self.dtype)
     if self.n_layers == 0:  # PixelDiscriminator: 1x1 convs.
       h = _leaky_relu(conv(self.ndf, 1, name='conv0')(x))
       h = _leaky_relu(norm(1)(conv(2 * self.ndf, 1, use_bias=use_bias, name='conv1')(h)))
@@ -199,7 +200,8 @@ def create_discriminator(model_config, dtype: Any = jnp.float32) -> nn.Module:
   else:
     raise ValueError(f"config.model.netD must be 'basic', 'n_layers' or 'pixel'; got {name!r}")
   return PatchGANDiscriminator(ndf=model_config.ndf, n_layers=n_layers,
-                               norm=model_config.norm, dtype=dtype)
+                               norm=model_config.norm, conv_impl=model_config.conv_impl,
+                               dtype=dtype)
 
 
 def init_variables(module: nn.Module, key: jax.Array, input_shape) -> dict:

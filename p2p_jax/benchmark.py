@@ -1,0 +1,202 @@
+"""Step and input-pipeline benchmarks; each result is one JSON line on stdout.
+
+  python -m p2p_jax.benchmark --what=step --config=configs/cityscapes.py --batch_size=4
+  python -m p2p_jax.benchmark --what=input --config=configs/cityscapes.py
+  python -m p2p_jax.benchmark --what=dot  # The machine's large-matmul GFLOP/s, for scale.
+  python -m p2p_jax.benchmark --what=compare --config=configs/default.py \
+      --torch_python=/path/to/torch/venv/bin/python --torch_ref=../shared/bench/torch_ref.py
+
+``step`` builds the real train state and the jitted, donated step on random data at the
+config's resolution. ``compare`` times that step and the PyTorch reference step in the same
+sitting, alternating rounds, and reports the median of each and their ratio.
+"""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from p2p_jax import parallel, train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_WHAT = flags.DEFINE_enum('what', 'step', ['step', 'input', 'dot', 'compare'],
+                          'What to benchmark.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Overrides config.batch_size.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (per round for compare).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'compare: alternating rounds of ours and torch.')
+_TORCH_PYTHON = flags.DEFINE_string('torch_python', None, 'compare: python with torch.')
+_TORCH_REF = flags.DEFINE_string('torch_ref', None, 'compare: path to torch_ref.py.')
+_TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0,
+                                      'compare: torch threads (0: one per CPU core).')
+
+
+def peak_memory() -> dict:
+  """Peak resident host memory of this process, and peak device memory where reported."""
+  # ru_maxrss is in KiB on Linux.
+  out = {'peak_host_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+  stats = jax.local_devices()[0].memory_stats()  # None on CPU.
+  if stats and 'peak_bytes_in_use' in stats:
+    out['peak_device_mb'] = round(stats['peak_bytes_in_use'] / 2**20, 1)
+  return out
+
+
+def _devices() -> list[str]:
+  return [f'{d.platform}:{d.device_kind}' for d in jax.devices()]
+
+
+class StepRunner:
+  """The compiled train step, its state and a random batch, ready to be timed."""
+
+  def __init__(self, config, batch_size: int):
+    mesh = parallel.create_mesh()
+    parallel.check_batch_size(batch_size, mesh, '--batch_size')
+    pix2pix = train.create_pix2pix(config, steps_per_epoch=1000)
+    self.state = train.create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed))
+    size = config.crop_size
+    rng = np.random.default_rng(0)
+    batch = {'A': rng.uniform(-1, 1, (batch_size, size, size, config.input_nc)),
+             'B': rng.uniform(-1, 1, (batch_size, size, size, config.output_nc))}
+    self.batch = jax.device_put(jax.tree.map(lambda x: x.astype(np.float32), batch),
+                                parallel.batch_sharding(mesh))
+    step_fn = train.make_train_step(pix2pix, mesh, train.lr_schedule(config, 1000))
+    start = time.perf_counter()
+    self.compiled = step_fn.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - start
+    cost = self.compiled.cost_analysis()
+    # A dict on recent jax; a one-element list of dicts on older versions.
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    self.flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+  def run(self, steps: int) -> list[float]:
+    """Runs ``steps`` steps; returns each one's seconds (blocking on the state each step)."""
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      self.state, metrics = self.compiled(self.state, self.batch)
+      jax.block_until_ready((self.state, metrics))
+      times.append(time.perf_counter() - start)
+    return times
+
+
+def _step_result(config, runner: StepRunner, batch_size: int, times: list[float]) -> dict:
+  median = statistics.median(times)
+  return {
+      'what': 'step', 'netG': config.model.netG, 'netD': config.model.netD,
+      'conv_impl': config.model.conv_impl, 'compute_dtype': config.compute_dtype,
+      'size': config.crop_size, 'batch_size': batch_size, 'steps': len(times),
+      'median_s_per_step': round(median, 4), 'images_per_sec': round(batch_size / median, 3),
+      'compile_s': round(runner.compile_s, 2), 'step_gflops': round(runner.flops / 1e9, 2),
+      'achieved_gflops_per_sec': round(runner.flops / 1e9 / median, 1),
+      **peak_memory(), 'devices': _devices(),
+  }
+
+
+def benchmark_step(config, batch_size: int, steps: int, warmup: int) -> dict:
+  """Compiles and times the real train step on random data.
+
+  Args:
+    config: the training config (model, resolution, dtype, conv_impl).
+    batch_size: global batch size.
+    steps: timed steps.
+    warmup: untimed steps after compilation.
+
+  Returns:
+    A dict: median seconds per step, images/s, compile seconds, the step's GFLOP (XLA's
+    cost analysis), achieved GFLOP/s, peak memory and the devices.
+  """
+  runner = StepRunner(config, batch_size)
+  runner.run(warmup)
+  return _step_result(config, runner, batch_size, runner.run(steps))
+
+
+def benchmark_dot(n: int = 4096, steps: int = 10) -> dict:
+  """GFLOP/s of an ``n x n`` float32 ``jnp.dot``: the machine's practical matmul peak."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  jax.block_until_ready(dot(a, a))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(dot(a, a))
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  return {'what': 'dot', 'n': n, 'median_s': round(median, 4),
+          'gflops_per_sec': round(2 * n**3 / 1e9 / median, 1), 'devices': _devices()}
+
+
+def _torch_step(config, batch_size: int, steps: int) -> dict:
+  """Runs the PyTorch reference in a subprocess; returns its JSON line."""
+  num_downs = {'unet_256': 8, 'unet_128': 7}[config.model.netG]
+  threads = _TORCH_THREADS.value or os.cpu_count()
+  cmd = [_TORCH_PYTHON.value, _TORCH_REF.value, '--size', str(config.crop_size),
+         '--batch', str(batch_size), '--steps', str(steps), '--threads', str(threads),
+         '--num-downs', str(num_downs), '--ngf', str(config.model.ngf)]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def compare_with_torch(config, batch_size: int, steps: int, rounds: int) -> dict:
+  """Times our step and the PyTorch reference alternately, in one sitting.
+
+  Alternating rounds expose both to the same machine load; the ratio of medians is the
+  figure to trust on a shared machine, not either absolute time.
+
+  Returns:
+    Our step result plus ``torch_median_s_per_step``, the per-round medians and
+    ``ratio_ours_over_torch``.
+  """
+  if not (_TORCH_PYTHON.value and _TORCH_REF.value):
+    raise app.UsageError('--what=compare needs --torch_python and --torch_ref.')
+  runner = StepRunner(config, batch_size)
+  runner.run(_WARMUP.value)
+  ours, theirs, torch_line = [], [], {}
+  for _ in range(rounds):
+    ours += runner.run(steps)
+    torch_line = _torch_step(config, batch_size, steps)
+    theirs.append(torch_line['median_s_per_step'])
+  result = _step_result(config, runner, batch_size, ours)
+  # Each torch round reports its own median of `steps`; take the median of those.
+  torch_median = statistics.median(theirs)
+  result.update({
+      'what': 'compare', 'torch_median_s_per_step': round(torch_median, 4),
+      'torch_round_medians': theirs, 'torch': torch_line.get('torch'),
+      'torch_threads': torch_line.get('threads'),
+      'ratio_ours_over_torch': round(result['median_s_per_step'] / torch_median, 3)})
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  what = _WHAT.value
+  if what == 'dot':
+    print(json.dumps(benchmark_dot()), flush=True)
+    return
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError(f'--what={what} needs --config.')
+  batch_size = _BATCH_SIZE.value or config.batch_size
+  if what == 'input':
+    from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    for line in input_pipeline.benchmark(config):
+      print(json.dumps(line), flush=True)
+  elif what == 'step':
+    print(json.dumps(benchmark_step(config, batch_size, _STEPS.value, _WARMUP.value)),
+          flush=True)
+  else:
+    print(json.dumps(compare_with_torch(config, batch_size, _STEPS.value, _ROUNDS.value)),
+          flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
