@@ -1,4 +1,4 @@
-"""The demo: edges -> photo on real photographs bundled with scikit-image (no download).
+"""The demo: grayscale -> colour on real photographs bundled with scikit-image (no download).
 
 Sized for a laptop CPU (a few minutes on 2 cores): 64 px, a 6-level U-Net (unet_64) and a
 70x70 PatchGAN with narrower layers. The dataset is written once to ~/.cache/p2p_jax/demo in
@@ -15,6 +15,7 @@ def get_config():
   config = default.get_config()
   config.dataset.name = 'demo'
   config.dataset.data_dir = ''  # '' -> ~/.cache/p2p_jax/demo, written on first use.
+  config.input_nc = 1  # The A halves are grayscale.
   config.model.netG = 'unet_64'
   config.model.ngf = 32
   config.model.ndf = 32

@@ -296,7 +296,7 @@ def decode_cityscapes(record: dict, *, direction: str, input_nc: int, output_nc:
 
 
 # ---------------------------------------------------------------------------------------
-# The demo dataset: edges -> photo, from the real photographs shipped in scikit-image.
+# The demo dataset: grayscale -> colour, from the real photographs shipped in scikit-image.
 
 DEMO_SIZE = 256
 _DEMO_MARKER = 'DEMO_COMPLETE'
@@ -322,10 +322,11 @@ def default_demo_dir() -> str:
 
 
 def prepare_demo(data_dir: str = '') -> str:
-  """Writes the demo dataset (edges -> photo) in the aligned A|B format, once.
+  """Writes the demo dataset (grayscale -> colour photo) in the aligned A|B format, once.
 
-  18 train, 2 val and 4 test pairs of 256x256 halves (JPEG): A is the Canny edge map (black
-  on white), B the photo. The photos are scikit-image's bundled samples; val and test come
+  18 train, 2 val and 4 test pairs of 256x256 halves (JPEG): A is the photo in grayscale
+  (colourisation: a task a U-Net learns from 18 photos and carries over to unseen ones), B
+  the photo. The photos are scikit-image's bundled samples; val and test come
   from photos that train never sees. Idempotent and safe when several processes call it at
   once: each writes a temporary folder and renames it into place; the first rename wins.
 
@@ -367,12 +368,12 @@ def _write_demo(out_dir: str) -> None:
       for i, crop in enumerate(_DEMO_CROPS[split]):
         b = _square_crop(photo, *crop)
         pair = Image.new('RGB', (2 * DEMO_SIZE, DEMO_SIZE))
-        pair.paste(_edge_map(b), (0, 0))
+        pair.paste(b.convert('L').convert('RGB'), (0, 0))
         pair.paste(b, (DEMO_SIZE, 0))
         stem = os.path.splitext(photo_file)[0]
         pair.save(os.path.join(out_dir, split, f'{stem}_{i}.jpg'), quality=95)
   with open(os.path.join(out_dir, _DEMO_MARKER), 'w') as f:
-    f.write('edges -> photo pairs from scikit-image sample photos (p2p_jax.datasets)\n')
+    f.write('grayscale -> colour pairs from scikit-image sample photos (p2p_jax.datasets)\n')
 
 
 def _square_crop(photo: Image.Image, scale: float, x: float, y: float) -> Image.Image:
@@ -381,10 +382,3 @@ def _square_crop(photo: Image.Image, scale: float, x: float, y: float) -> Image.
   left, top = int((w - side) * x), int((h - side) * y)
   box = (left, top, left + side, top + side)
   return photo.resize((DEMO_SIZE, DEMO_SIZE), Image.Resampling.LANCZOS, box=box)
-
-
-def _edge_map(photo: Image.Image) -> Image.Image:
-  from skimage import feature
-  gray = np.asarray(photo.convert('L'), np.float32) / 255.0
-  edges = feature.canny(gray, sigma=2.0)
-  return Image.fromarray(np.where(edges, 0, 255).astype(np.uint8)).convert('RGB')

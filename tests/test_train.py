@@ -77,7 +77,7 @@ def test_readme_demo_command_trains_and_leaves_checkpoint_and_events(tmp_path, d
 
 
 def test_killed_run_resumes_bit_identically(tmp_path, tiny_data):
-  num_steps = 120
+  num_steps = 60
   straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
   overrides = tiny_overrides(tiny_data, num_steps, checkpoint_every=4)
   result = run(main_command(straight, 'configs/default.py', *overrides))
