@@ -269,3 +269,25 @@ def test_generator_and_discriminator_give_a_train_state_to_fine_tune_from(tmp_pa
       pth.read_state_dict(_fixture('basic_D_ndf8.pth')), config, 'discriminator'))
   # Fresh Adam moments: fine-tuning starts like a new run from these weights.
   assert all(not np.any(x) for x in jax.tree.leaves(state.discriminator.opt_state))
+
+
+def test_translate_in_eval_mode_reproduces_torch_outputs_end_to_end(tmp_path):
+  """The issue's criterion through the CLIs: convert, then --mode=translate on 256x256 PNGs."""
+  from PIL import Image
+  name, workdir = 'unet_256_ngf4', str(tmp_path / 'converted')
+  flags = ['--config=configs/default.py', '--config.model.ngf=4', f'--workdir={workdir}']
+  run = lambda *args: subprocess.run([sys.executable, '-m', *args], cwd=REPO_ROOT,
+                                     capture_output=True, text=True)
+  result = run('p2p_jax.convert', *flags, f'--torch_generator={_fixture(name + ".pth")}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  inputs = np.load(_fixture(f'{name}.npz'))['input']
+  in_dir, out_dir = tmp_path / 'in', tmp_path / 'out'
+  in_dir.mkdir()
+  for i, image in enumerate(inputs):
+    Image.fromarray(image).save(in_dir / f'{i}.png')
+  result = run('p2p_jax.main', *flags, '--mode=translate', '--config.eval.mode=eval',
+               f'--config.translate.input_dir={in_dir}', f'--config.translate.output_dir={out_dir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  _, torch_out = _inputs_and_torch_outputs(name)
+  ours = np.stack([np.asarray(Image.open(out_dir / f'{i}.png')) for i in range(len(inputs))])
+  assert np.abs(ours.astype(np.int32) - _quantise(torch_out)).max() <= 1
