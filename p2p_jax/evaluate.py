@@ -27,7 +27,7 @@ from absl import logging
 from clu import metric_writers
 from PIL import Image
 
-from p2p_jax import checkpointing, datasets, models, parallel, train
+from p2p_jax import checkpointing, datasets, metrics, models, parallel, train
 
 def restore_generator(config: ml_collections.ConfigDict, workdir: str, mesh):
   """Builds the generator and restores its ``{'params', 'batch_stats'}``, replicated on ``mesh``.
@@ -114,75 +114,6 @@ def run_batch(generate_fn, variables, images: np.ndarray, sample: int, indices, 
   return np.asarray(out)[:n]
 
 
-def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats to uint8 pixels, rounded (the official ``tensor2im`` truncates)."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def _gaussian_filter_valid(x: np.ndarray) -> np.ndarray:
-  """Separable 11x11 Gaussian filter over axes 0 and 1, keeping only fully covered pixels.
-
-  This is scikit-image's ``gaussian_filter`` followed by its crop of the 5-pixel border.
-  """
-  size, sigma = 11, 1.5
-  w = np.exp(-0.5 * ((np.arange(size) - size // 2) / sigma) ** 2)
-  w /= w.sum()
-  h = x.shape[0] - size + 1
-  x = sum(w[k] * x[k:k + h] for k in range(size))
-  v = x.shape[1] - size + 1
-  return sum(w[k] * x[:, k:k + v] for k in range(size))
-
-
-def ssim(x: np.ndarray, y: np.ndarray) -> float:
-  """Structural similarity (Wang et al. 2004) of two images in [0, 1], averaged over channels.
-
-  Gaussian 11x11 window with sigma 1.5, K1 = 0.01, K2 = 0.03, population (co)variances:
-  scikit-image's ``structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
-  use_sample_covariance=False, data_range=1, channel_axis=-1)``.
-
-  Args:
-    x, y: ``(H, W, C)`` arrays in [0, 1], H and W at least 11.
-
-  Returns:
-    The mean SSIM.
-  """
-  x = np.asarray(x, np.float64)
-  y = np.asarray(y, np.float64)
-  c1, c2 = 0.01 ** 2, 0.03 ** 2  # (K1 * L)^2, (K2 * L)^2 with the range L = 1.
-  mu_x, mu_y = _gaussian_filter_valid(x), _gaussian_filter_valid(y)
-  var_x = _gaussian_filter_valid(x * x) - mu_x ** 2
-  var_y = _gaussian_filter_valid(y * y) - mu_y ** 2
-  cov = _gaussian_filter_valid(x * y) - mu_x * mu_y
-  ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)
-              / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)))
-  return float(ssim_map.mean())
-
-
-def psnr(x: np.ndarray, y: np.ndarray) -> float:
-  """PSNR in dB of two uint8 images, on the [0, 255] scale (as usually reported).
-
-  An exact match counts as 100 dB rather than infinity, so averages and JSON stay finite.
-  """
-  mse = np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2)
-  return float(10.0 * np.log10(255.0 ** 2 / max(mse, 255.0 ** 2 * 1e-10)))
-
-
-def image_metrics(fake: np.ndarray, real: np.ndarray) -> dict:
-  """L1 on the [-1, 1] floats (the training L1 term without lambda); PSNR and SSIM on the
-  uint8 images as written to disk.
-
-  Args:
-    fake, real: ``(H, W, C)`` float in [-1, 1].
-
-  Returns:
-    ``{'L1', 'PSNR', 'SSIM'}``.
-  """
-  fake_u8, real_u8 = to_uint8(fake), to_uint8(real)
-  return {'L1': float(np.mean(np.abs(np.asarray(fake, np.float64) - real))),
-          'PSNR': psnr(fake_u8, real_u8),
-          'SSIM': ssim(fake_u8 / 255.0, real_u8 / 255.0)}
-
-
 def _pil(image_u8: np.ndarray) -> Image.Image:
   return Image.fromarray(image_u8[..., 0] if image_u8.shape[-1] == 1 else image_u8)
 
@@ -255,8 +186,8 @@ def _generate_split(dataset, generate_fn, variables, num_samples: int, batch_siz
 
 def _write_example(image_dir: str, name: str, real_a, fakes, real_b) -> np.ndarray:
   """Writes an example's PNGs; returns its real_A | fake_B | real_B row (RGB uint8)."""
-  a_u8, b_u8 = to_uint8(real_a), to_uint8(real_b)
-  fakes_u8 = [to_uint8(fake) for fake in fakes]
+  a_u8, b_u8 = metrics.to_uint8(real_a), metrics.to_uint8(real_b)
+  fakes_u8 = [metrics.to_uint8(fake) for fake in fakes]
   _pil(a_u8).save(os.path.join(image_dir, f'{name}_real_A.png'))
   _pil(b_u8).save(os.path.join(image_dir, f'{name}_real_B.png'))
   for file_name, fake_u8 in zip(fake_names(name, len(fakes)), fakes_u8):
@@ -304,7 +235,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _add_unique(seen, name, f'examples of split {config.eval.split!r}')
     names.append(name)
     for fake in fakes:
-      for key, value in image_metrics(fake, example['B']).items():
+      for key, value in metrics.image_metrics(fake, example['B']).items():
         sums[key] += value
     if is_writer:
       row = _write_example(image_dir, name, example['A'], fakes, example['B'])
@@ -315,25 +246,25 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f'Split {config.eval.split!r} of the dataset is empty.')
 
   count = num_images * num_samples
-  metrics = {'step': int(step), 'split': config.eval.split, 'mode': mode,
+  results = {'step': int(step), 'split': config.eval.split, 'mode': mode,
              'num_images': num_images, 'num_samples': num_samples,
              **{key: value / count for key, value in sums.items()}}
-  logging.info('Eval of step %d on %s (%s mode): %s', step, config.eval.split, mode, metrics)
+  logging.info('Eval of step %d on %s (%s mode): %s', step, config.eval.split, mode, results)
   writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'),
                                                 just_logging=not is_writer)
-  writer.write_scalars(step, {f'eval/{key}': metrics[key] for key in ('L1', 'PSNR', 'SSIM')})
+  writer.write_scalars(step, {f'eval/{key}': results[key] for key in ('L1', 'PSNR', 'SSIM')})
   if tb_rows:
     writer.write_images(step, {'eval/real_A-fake_B-real_B': np.stack(tb_rows)})
   writer.flush()
   writer.close()
   if is_writer:
     with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-      json.dump(metrics, f, indent=2)
-    summary = ', '.join(f'{key} {metrics[key]:.4f}' for key in ('L1', 'PSNR', 'SSIM'))
+      json.dump(results, f, indent=2)
+    summary = ', '.join(f'{key} {results[key]:.4f}' for key in ('L1', 'PSNR', 'SSIM'))
     write_results_page(os.path.join(out_dir, 'index.html'),
                        f'Step {step}, split {config.eval.split}, mode {mode}',
                        f'{num_images} images. {summary}', names, num_samples)
-  return metrics
+  return results
 
 
 def required_multiple(netG: str) -> int:
@@ -414,7 +345,7 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
                                      config.crop_size if resize else None) for i in batch])
       fakes = run_batch(generate_fn, variables, images, 0, batch, batch_size, mesh)
       for i, fake in zip(batch, fakes):
-        image = _pil(to_uint8(fake))
+        image = _pil(metrics.to_uint8(fake))
         if resize and image.size != sizes[i]:
           image = image.resize(sizes[i], Image.BICUBIC)
         if is_writer:

@@ -17,7 +17,7 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from conftest import REPO_ROOT, load_config, write_aligned_dataset
-from p2p_jax import checkpointing, evaluate, models, parallel
+from p2p_jax import checkpointing, evaluate, metrics, models, parallel
 
 SIZE = 32
 STEP = 7
@@ -100,11 +100,11 @@ def _images_dir(workdir):
 def test_ssim_matches_scikit_image_and_known_properties():
   rng = np.random.default_rng(0)
   x = rng.random((40, 37, 3))
-  assert evaluate.ssim(x, x) == pytest.approx(1.0)
+  assert metrics.ssim(x, x) == pytest.approx(1.0)
   previous = 1.0
   for noise in (0.02, 0.1, 0.3):
     y = np.clip(x + noise * rng.standard_normal(x.shape), 0, 1)
-    value = evaluate.ssim(x, y)
+    value = metrics.ssim(x, y)
     expected = structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
                                      use_sample_covariance=False, data_range=1, channel_axis=-1)
     assert value == pytest.approx(expected, abs=1e-4)
@@ -115,19 +115,19 @@ def test_ssim_matches_scikit_image_and_known_properties():
 def test_psnr_is_on_the_uint8_scale_and_finite_for_identical_images():
   x = np.zeros((8, 8, 3), np.uint8)
   y = x + np.uint8(5)  # MSE 25.
-  assert evaluate.psnr(x, y) == pytest.approx(10 * np.log10(255 ** 2 / 25))
-  assert evaluate.psnr(x, x) == pytest.approx(100.0)
+  assert metrics.psnr(x, y) == pytest.approx(10 * np.log10(255 ** 2 / 25))
+  assert metrics.psnr(x, x) == pytest.approx(100.0)
 
 
 def test_eval_writes_images_results_page_metrics_and_tensorboard(paper_run):
-  workdir, metrics = paper_run
+  workdir, results = paper_run
   out_dir = os.path.join(workdir, 'eval', str(STEP))
   files = sorted(os.listdir(os.path.join(out_dir, 'images')))
   assert files == sorted(f'{n}_{kind}.png' for n in NAMES for kind in ('real_A', 'fake_B', 'real_B'))
   with open(os.path.join(out_dir, 'metrics.json')) as f:
-    assert json.load(f) == metrics
-  assert metrics['step'] == STEP and metrics['split'] == 'test' and metrics['mode'] == 'paper'
-  assert metrics['num_images'] == len(NAMES)
+    assert json.load(f) == results
+  assert results['step'] == STEP and results['split'] == 'test' and results['mode'] == 'paper'
+  assert results['num_images'] == len(NAMES)
   page = open(os.path.join(out_dir, 'index.html'), encoding='utf-8').read()
   for name in NAMES:
     for kind in ('real_A', 'fake_B', 'real_B'):
@@ -137,19 +137,19 @@ def test_eval_writes_images_results_page_metrics_and_tensorboard(paper_run):
 
 
 def test_eval_metrics_agree_with_the_written_pngs(paper_run):
-  workdir, metrics = paper_run
+  workdir, results = paper_run
   images = _images_dir(workdir)
   l1, psnr, ssim = [], [], []
   for name in NAMES:
     fake = _png(os.path.join(images, f'{name}_fake_B.png'))
     real = _png(os.path.join(images, f'{name}_real_B.png'))
     l1.append(np.mean(np.abs(fake / 127.5 - real / 127.5)))
-    psnr.append(evaluate.psnr(fake, real))
-    ssim.append(evaluate.ssim(fake / 255.0, real / 255.0))
+    psnr.append(metrics.psnr(fake, real))
+    ssim.append(metrics.ssim(fake / 255.0, real / 255.0))
   # L1 is on the float outputs: within a quantisation step of the PNGs' L1.
-  assert metrics['L1'] == pytest.approx(np.mean(l1), abs=1 / 127.5)
-  assert metrics['PSNR'] == pytest.approx(np.mean(psnr))
-  assert metrics['SSIM'] == pytest.approx(np.mean(ssim))
+  assert results['L1'] == pytest.approx(np.mean(l1), abs=1 / 127.5)
+  assert results['PSNR'] == pytest.approx(np.mean(psnr))
+  assert results['SSIM'] == pytest.approx(np.mean(ssim))
   real_b = _png(os.path.join(images, f'{NAMES[0]}_real_B.png'))
   real_a = _png(os.path.join(images, f'{NAMES[0]}_real_A.png'))
   np.testing.assert_array_equal(real_a, real_b)  # What the split holds: equal halves.
