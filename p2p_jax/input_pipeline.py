@@ -2,15 +2,22 @@
 
 Training::
 
-  source (MapDataset) -> [process_index::process_count] -> shuffle (reseeded each epoch)
-    -> decode (PIL) -> random_map jitter (the official --preprocess, flip, [-1, 1])
-    -> repeat -> to_iter_dataset (threaded prefetch) -> batch (host share, drop_remainder)
-    -> mp_prefetch (config.num_workers processes)
+  source (MapDataset) -> shuffle (reseeded each epoch) -> decode (PIL)
+    -> random_map jitter (the official --preprocess, flip, [-1, 1]) -> repeat
+    -> this process's rows of each global batch -> to_iter_dataset (threaded prefetch)
+    -> batch (host share, drop_remainder) -> mp_prefetch (config.num_workers processes)
+
+Every process builds the same global sequence (one seed, no process index in it) and reads
+only its rows of each global batch: process p of P takes rows [p * B/P, (p + 1) * B/P) of
+global batch b. So the global batches are the same whatever the number of processes, and
+``parallel.to_global`` puts each process's rows back at their global positions.
 
 Batching comes after ``to_iter_dataset`` so that ``skip_bad_images`` can drop elements (grain
 batches a dataset with holes only as an ``IterDataset``); batches therefore run across epoch
 boundaries and no example is ever dropped. Everything random is a function of the seed and
-the element's position, so the iterator's ``get_state()`` fully describes where it is.
+the element's global position, so the iterator's ``get_state()`` fully describes where it is.
+(A skipped file moves a process's later rows up by one, so only runs without skipped files
+keep exactly the same global batches on another number of processes.)
 Evaluation has no jitter: both images are resized to ``crop_size``.
 """
 import functools
@@ -81,39 +88,40 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   return len(datasets.get_source(config, split).records)
 
 
-def create_train_iterator(config: ml_collections.ConfigDict,
-                          seed: int) -> grain.DatasetIterator:
+def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
+                          start_step: int = 0) -> grain.DatasetIterator:
   """The infinite, jittered, checkpointable training iterator of this process.
 
   Args:
     config: the experiment config (``dataset.*``, ``preprocess``, ``load_size``,
       ``crop_size``, ``flip``, ``batch_size`` (global), ``num_workers``, ...).
-    seed: the data seed. Shuffling and jitter are derived from it, the process index and the
-      epoch, so a run's batches are a function of the seed alone.
+    seed: the data seed. Shuffling and jitter are derived from it, the epoch and the
+      example's global position, so a run's global batches are a function of the seed
+      alone, whatever the number of processes.
+    start_step: the global batch to start at: resumes the data position from a step count
+      (e.g. after a change of process count, when the saved per-process iterator states no
+      longer apply).
 
   Returns:
     An iterator of host-local batches ``{'A': float32 (host_batch, crop, crop, input_nc),
     'B': float32 (host_batch, crop, crop, output_nc)}`` in [-1, 1], host_batch =
     ``batch_size // process_count``. (With preprocess 'scale_width' or 'none' the spatial
     size follows the images.) ``get_state()`` / ``set_state()`` save and restore its
-    position exactly; restore with the same config and ``num_workers``.
+    position exactly; restore with the same config, ``num_workers`` and process count.
   """
   validate_config(config)
   source = datasets.get_source(config, config.dataset.train_split)
   host_batch = config.batch_size // jax.process_count()
-  # Different hosts get different jitter for the same position in their shard.
-  seed = int(np.random.SeedSequence([seed, jax.process_index()]).generate_state(1)[0])
-  ds = grain.MapDataset.source(source.records)
-  ds = ds[jax.process_index()::jax.process_count()]
-  if not len(ds):
-    raise ValueError(f'The {len(source.records)} training examples cannot feed '
-                     f'{jax.process_count()} processes: process {jax.process_index()} has none.')
-  ds = ds.seed(seed).shuffle()
+  # The same seed on every process: all build the same global sequence (see HostRows). (The
+  # 0 is where the process index used to go; it keeps single-process runs' batches.)
+  seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+  ds = grain.MapDataset.source(source.records).seed(seed).shuffle()
   ds = ds.map(DecodeOrSkip(source.decode, config.dataset.skip_bad_images, len(ds)))
   ds = ds.random_map(functools.partial(
       jitter, preprocess=config.preprocess, load_size=config.load_size,
       crop_size=config.crop_size, flip=config.flip))
   ds = ds.repeat(None)  # Reseeds shuffle and jitter with the epoch.
+  ds = HostRows(ds, config.batch_size, jax.process_index(), jax.process_count(), start_step)
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=_READ_THREADS,
       prefetch_buffer_size=max(_READ_THREADS, config.prefetch_buffer_size * host_batch)))
@@ -143,6 +151,38 @@ def create_eval_dataset(config: ml_collections.ConfigDict, split: str) -> grain.
   ds = grain.MapDataset.source(source.records)
   ds = ds.map(DecodeOrSkip(source.decode, config.dataset.skip_bad_images, len(ds)))
   return ds.map(functools.partial(resize_for_eval, crop_size=config.crop_size))
+
+
+class HostRows(grain.MapDataset):
+  """Process ``process_index``'s rows of every global batch of an infinite dataset.
+
+  Local element ``k`` is global element ``(start_batch + k // h) * global_batch +
+  process_index * h + k % h``, with ``h = global_batch // process_count``. Batching the
+  local elements by ``h`` gives this process its contiguous slice of each global batch, and
+  only its own elements are ever decoded.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
+               process_count: int, start_batch: int = 0):
+    super().__init__(parent)
+    self._global_batch = global_batch
+    self._host_batch = global_batch // process_count
+    self._first_row = process_index * self._host_batch
+    self._start_batch = start_batch
+
+  def __len__(self) -> int:
+    return len(self._parent)  # Infinite (sys.maxsize), as the repeated parent.
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._host_batch)
+    return self._parent[(self._start_batch + batch) * self._global_batch + self._first_row +
+                        row]
+
+  def __str__(self) -> str:
+    return (f'HostRows(global_batch={self._global_batch}, host_batch={self._host_batch}, '
+            f'first_row={self._first_row}, start_batch={self._start_batch})')
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ sharded on ``data``; parameters and optimizer state are replicated. Under ``jit`
 partitioner turns batch reductions (batch norm, losses) into cross-device reductions, so the
 step computes exactly what one device would on the global batch.
 """
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -51,27 +53,67 @@ def to_global(batch, mesh: Mesh):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
+# Environment variables for the explicit settings (launch/ sets them); config fields win.
+ENV_VARS = {'coordinator_address': 'P2P_COORDINATOR_ADDRESS',
+            'num_processes': 'P2P_NUM_PROCESSES', 'process_id': 'P2P_PROCESS_ID'}
+
+
+def distributed_settings(distributed_config) -> dict:
+  """The explicit ``coordinator_address`` / ``num_processes`` / ``process_id``.
+
+  Args:
+    distributed_config: ``config.distributed``.
+
+  Returns:
+    Each setting from the config, else from its ``ENV_VARS`` variable, else None (unset:
+    ``jax.distributed.initialize`` then detects it on TPU pods and under SLURM).
+  """
+  address = (distributed_config.coordinator_address or
+             os.environ.get(ENV_VARS['coordinator_address'], ''))
+  numbers = {}
+  for name in ('num_processes', 'process_id'):
+    value = distributed_config[name]
+    if value < 0:  # -1: unset in the config.
+      value = int(os.environ.get(ENV_VARS[name], -1))
+    numbers[name] = value if value >= 0 else None
+  return dict(coordinator_address=address or None, **numbers)
+
+
 def initialize_distributed(distributed_config) -> None:
   """Joins JAX's multi-controller runtime when the config asks for it; no-op otherwise.
 
-  Explicit ``coordinator_address`` / ``num_processes`` / ``process_id`` are passed through;
-  with ``enabled`` alone, ``jax.distributed.initialize()`` auto-detects TPU pods and SLURM.
+  It is asked for by ``enabled`` (everything auto-detected on TPU pods and under SLURM) or by
+  a coordinator address (``distributed_settings``). Must run before any other JAX call.
+
+  Args:
+    distributed_config: ``config.distributed``.
   """
-  explicit = bool(distributed_config.coordinator_address)
-  if not (distributed_config.enabled or explicit):
+  settings = distributed_settings(distributed_config)
+  if not (distributed_config.enabled or settings['coordinator_address']):
     return
-  kwargs = {}
-  if explicit:
-    kwargs = dict(coordinator_address=distributed_config.coordinator_address,
-                  num_processes=distributed_config.num_processes,
-                  process_id=distributed_config.process_id)
-  jax.distributed.initialize(**kwargs)
+  # A process that stops sending heartbeats (killed, hung host) makes the coordination
+  # service terminate all the others after this long, instead of leaving them blocked.
+  jax.distributed.initialize(
+      **settings, heartbeat_timeout_seconds=distributed_config.heartbeat_timeout_seconds)
 
 
-def agree_to_stop(local_request: bool) -> bool:
-  """True on every process if any process was asked to stop (e.g. SIGTERM on one host)."""
+def agree_to_stop(local_request: bool, step: int) -> bool:
+  """True on every process at the same step once any process is asked to stop.
+
+  Call it after every step, with the step count. One process: the local request (our
+  SIGTERM handler). Several: the request comes from jax's preemption sync manager, which
+  catches SIGTERM on any process and has all of them agree on the next step after the
+  furthest one, so the processes stop together a step or two after the signal. Until a
+  signal arrives a call costs a lock and a comparison, not a host sync.
+
+  Args:
+    local_request: this process's stop request (used with one process only).
+    step: the number of steps done; increasing from call to call.
+
+  Returns:
+    Whether to save and stop now.
+  """
   if jax.process_count() == 1:
     return local_request
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  flags = multihost_utils.process_allgather(np.asarray(local_request, np.int32))
-  return bool(np.any(flags))
+  return multihost_utils.reached_preemption_sync_point(step)

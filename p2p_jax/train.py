@@ -196,11 +196,17 @@ def make_train_step(pix2pix: Pix2Pix, mesh, lr_fn: Callable):
 
 
 class _StopRequest:
-  """Set by SIGTERM (how TPU VMs and SLURM preempt): finish the step, save, exit cleanly."""
+  """Set by SIGTERM (how TPU VMs and SLURM preempt): finish the step, save, exit cleanly.
+
+  With several processes, jax's preemption sync manager catches SIGTERM instead (see
+  ``parallel.agree_to_stop``), so no Python handler is installed there.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del frame
@@ -208,7 +214,8 @@ class _StopRequest:
     self.requested = True
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -278,6 +285,25 @@ def _write_images(writer, pix2pix: Pix2Pix, state: TrainState, examples: dict, s
   return l1
 
 
+def _saved_by_other_process_count(manager, step: int) -> bool:
+  """Whether checkpoint ``step`` holds data-iterator states of another number of processes.
+
+  grain saves one state per process, as ``process_<index>-of-<count>.json``. With another
+  count they do not apply; the step then gives the data position instead, exactly, as the
+  global batches do not depend on the number of processes (unless files were skipped).
+
+  Args:
+    manager: the run's checkpoint manager.
+    step: the checkpoint step.
+
+  Returns:
+    True if the checkpoint has iterator states but none for this process and count.
+  """
+  directory = manager.directory / str(step) / 'data_iterator'
+  own = directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  return directory.exists() and not own.exists()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains pix2pix, resuming from the latest checkpoint in ``workdir/checkpoints``.
 
@@ -297,13 +323,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   pix2pix = create_pix2pix(config, steps_per_epoch)
   replicated = parallel.replicated_sharding(mesh)
 
-  train_iter = input_pipeline.create_train_iterator(config, seed=config.seed)
   manager = checkpointing.create_manager(workdir, config.max_to_keep)
-  state = jax.device_put(create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed)),
-                         replicated)
-  if manager.latest_step() is not None:
-    state = checkpointing.restore_train_state(manager, manager.latest_step(), state, replicated,
-                                              train_iter)
+  latest = manager.latest_step()
+  data_from_step = latest is not None and _saved_by_other_process_count(manager, latest)
+  if data_from_step:
+    logging.warning('Checkpoint %d was saved by another number of processes: the input '
+                    'pipeline resumes at global batch %d.', latest, latest)
+  train_iter = input_pipeline.create_train_iterator(
+      config, seed=config.seed, start_step=latest if data_from_step else 0)
+  # Initialised straight into the replicated layout: one program over all processes, not one
+  # per host followed by a cross-host broadcast.
+  state = jax.jit(functools.partial(create_train_state, pix2pix, config),
+                  out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+  if latest is not None:
+    state = checkpointing.restore_train_state(manager, latest, state, replicated,
+                                              None if data_from_step else train_iter)
   start_step = int(state.step)
 
   is_chief = jax.process_index() == 0
@@ -335,7 +369,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       pending.append((step + 1, metrics))
       for hook in hooks:
         hook(step + 1)
-      done = step + 1 == num_steps or parallel.agree_to_stop(stop.requested)
+      stop.requested = parallel.agree_to_stop(stop.requested, step + 1)
+      done = step + 1 == num_steps or stop.requested
       if (step + 1) % config.log_every_steps == 0 or done:
         summary = _fetch_metrics(pending, manager)
         pending = []

@@ -142,18 +142,29 @@ def test_invalid_options_are_errors_naming_the_option(aligned_config, option, va
     input_pipeline.create_train_iterator(aligned_config, seed=0)
 
 
-def test_each_process_reads_its_own_shard_with_its_share_of_the_batch(aligned_config,
-                                                                      monkeypatch):
-  monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+def test_processes_read_contiguous_slices_of_the_single_process_global_batches(
+    aligned_config, monkeypatch):
+  # Global batches of 4 from 6 examples: the slices run across epoch boundaries.
   aligned_config.batch_size = 4
-  iterator = input_pipeline.create_train_iterator(aligned_config, seed=0)
-  batches = _take(iterator, 3)
-  assert batches[0]['A'].shape[0] == 2
-  assert {i for b in batches for i in _ids(b)} == {1, 3, 5}
+  single = _take(input_pipeline.create_train_iterator(aligned_config, seed=0), 4)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  slices = []
+  for index in (0, 1):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    slices.append(_take(input_pipeline.create_train_iterator(aligned_config, seed=0), 4))
+  assert slices[1][0]['A'].shape[0] == 2
+  joined = [{k: np.concatenate([first[k], second[k]]) for k in first}
+            for first, second in zip(*slices)]
+  _assert_same_batches(single, joined)
   aligned_config.batch_size = 3
   with pytest.raises(ValueError, match='config.batch_size=3.*2 processes'):
     input_pipeline.create_train_iterator(aligned_config, seed=0)
+
+
+def test_start_step_resumes_at_that_global_batch(aligned_config):
+  batches = _take(input_pipeline.create_train_iterator(aligned_config, seed=0), 5)
+  started = input_pipeline.create_train_iterator(aligned_config, seed=0, start_step=3)
+  _assert_same_batches(batches[3:], _take(started, 2))
 
 
 def _corrupt(config, name='003.png'):
