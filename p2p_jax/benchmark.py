@@ -8,7 +8,10 @@
 
 ``step`` builds the real train state and the jitted, donated step on random data at the
 config's resolution. ``compare`` times that step and the PyTorch reference step in the same
-sitting, alternating rounds, and reports the median of each and their ratio.
+sitting, alternating rounds, and reports the median of each and their ratio. The PyTorch
+reference runs with each of ``--torch_threads`` (under load, OpenMP's 2-thread barriers can
+make it several times slower than 1 thread) and the fastest setting is the one compared.
+Both processes get the same glibc malloc settings (:mod:`p2p_jax.host_memory`).
 """
 import json
 import os
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from p2p_jax import parallel, train
+from p2p_jax import host_memory, models, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WHAT = flags.DEFINE_enum('what', 'step', ['step', 'input', 'dot', 'compare'],
@@ -36,8 +39,9 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'compare: alternating rounds of ours and torch.')
 _TORCH_PYTHON = flags.DEFINE_string('torch_python', None, 'compare: python with torch.')
 _TORCH_REF = flags.DEFINE_string('torch_ref', None, 'compare: path to torch_ref.py.')
-_TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0,
-                                      'compare: torch threads (0: one per CPU core).')
+_TORCH_THREADS = flags.DEFINE_list('torch_threads', ['0', '1'],
+                                   'compare: torch thread counts to try (0: one per CPU '
+                                   'core); the fastest is compared.')
 
 
 def peak_memory() -> dict:
@@ -80,11 +84,14 @@ class StepRunner:
   def run(self, steps: int) -> list[float]:
     """Runs ``steps`` steps; returns each one's seconds (blocking on the state each step)."""
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
       start = time.perf_counter()
       self.state, metrics = self.compiled(self.state, self.batch)
       jax.block_until_ready((self.state, metrics))
       times.append(time.perf_counter() - start)
+    # Page faults show whether the step's host buffers are re-mapped every step.
+    self.page_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return times
 
 
@@ -97,6 +104,7 @@ def _step_result(config, runner: StepRunner, batch_size: int, times: list[float]
       'median_s_per_step': round(median, 4), 'images_per_sec': round(batch_size / median, 3),
       'compile_s': round(runner.compile_s, 2), 'step_gflops': round(runner.flops / 1e9, 2),
       'achieved_gflops_per_sec': round(runner.flops / 1e9 / median, 1),
+      'page_faults_per_step': runner.page_faults // max(len(times), 1),
       **peak_memory(), 'devices': _devices(),
   }
 
@@ -134,14 +142,14 @@ def benchmark_dot(n: int = 4096, steps: int = 10) -> dict:
           'gflops_per_sec': round(2 * n**3 / 1e9 / median, 1), 'devices': _devices()}
 
 
-def _torch_step(config, batch_size: int, steps: int) -> dict:
+def _torch_step(config, batch_size: int, steps: int, threads: int) -> dict:
   """Runs the PyTorch reference in a subprocess; returns its JSON line."""
-  num_downs = {'unet_256': 8, 'unet_128': 7}[config.model.netG]
-  threads = _TORCH_THREADS.value or os.cpu_count()
+  num_downs = models.UNET_NAMES[config.model.netG]
   cmd = [_TORCH_PYTHON.value, _TORCH_REF.value, '--size', str(config.crop_size),
          '--batch', str(batch_size), '--steps', str(steps), '--threads', str(threads),
          '--num-downs', str(num_downs), '--ngf', str(config.model.ngf)]
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+  env = {**os.environ, **host_memory.malloc_env()}
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
   return json.loads(out.strip().splitlines()[-1])
 
 
@@ -152,32 +160,42 @@ def compare_with_torch(config, batch_size: int, steps: int, rounds: int) -> dict
   figure to trust on a shared machine, not either absolute time.
 
   Returns:
-    Our step result plus ``torch_median_s_per_step``, the per-round medians and
-    ``ratio_ours_over_torch``.
+    Our step result plus the PyTorch median per thread setting, the best of them, and
+    ``ratio_ours_over_torch`` against that best.
   """
   if not (_TORCH_PYTHON.value and _TORCH_REF.value):
     raise app.UsageError('--what=compare needs --torch_python and --torch_ref.')
+  thread_counts = [int(t) or os.cpu_count() for t in _TORCH_THREADS.value]
   runner = StepRunner(config, batch_size)
   runner.run(_WARMUP.value)
-  ours, theirs, torch_line = [], [], {}
+  ours = []
+  theirs = {t: [] for t in thread_counts}  # Each round's median of `steps` torch steps.
+  torch_version = None
   for _ in range(rounds):
     ours += runner.run(steps)
-    torch_line = _torch_step(config, batch_size, steps)
-    theirs.append(torch_line['median_s_per_step'])
+    for t in thread_counts:
+      line = _torch_step(config, batch_size, steps, t)
+      theirs[t].append(line['median_s_per_step'])
+      torch_version = line.get('torch')
   result = _step_result(config, runner, batch_size, ours)
-  # Each torch round reports its own median of `steps`; take the median of those.
-  torch_median = statistics.median(theirs)
+  torch_medians = {t: statistics.median(v) for t, v in theirs.items()}
+  best_threads = min(torch_medians, key=torch_medians.get)
   result.update({
-      'what': 'compare', 'torch_median_s_per_step': round(torch_median, 4),
-      'torch_round_medians': theirs, 'torch': torch_line.get('torch'),
-      'torch_threads': torch_line.get('threads'),
-      'ratio_ours_over_torch': round(result['median_s_per_step'] / torch_median, 3)})
+      'what': 'compare', 'torch': torch_version,
+      'torch_median_s_per_step_by_threads': {str(t): round(m, 4)
+                                             for t, m in torch_medians.items()},
+      'torch_round_medians_by_threads': {str(t): v for t, v in theirs.items()},
+      'torch_best_threads': best_threads,
+      'torch_median_s_per_step': round(torch_medians[best_threads], 4),
+      'ratio_ours_over_torch': round(result['median_s_per_step']
+                                     / torch_medians[best_threads], 3)})
   return result
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  host_memory.keep_freed_memory_mapped()  # Before JAX creates its CPU client.
   what = _WHAT.value
   if what == 'dot':
     print(json.dumps(benchmark_dot()), flush=True)

@@ -1,0 +1,157 @@
+"""The fast convolutions are exact: values and both gradients equal the plain lax ops and torch."""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from p2p_jax import layers
+
+RTOL, ATOL = 1e-4, 1e-5
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+
+
+def _data(x_shape, kernel_shape, seed=0):
+  """Unit-scale input and a kernel scaled by 1/sqrt(fan-in), so outputs are unit-scale too."""
+  # numpy, not jax.random: each new shape would compile a PRNG program.
+  rng = np.random.default_rng(seed)
+  fan_in = kernel_shape[0] * kernel_shape[1] * kernel_shape[2]
+  return (jnp.asarray(rng.standard_normal(x_shape, np.float32)),
+          jnp.asarray(rng.standard_normal(kernel_shape, np.float32) / np.sqrt(fan_in)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_value_and_grads(fn, x, kernel, cotangent):
+  # One program per (fn, shapes), cached across tests: op by op, each of the many small ops
+  # would compile on its own.
+  y, vjp = jax.vjp(fn, x, kernel)
+  return (y, *vjp(cotangent))
+
+
+def _value_and_grads(fn, x, kernel, cotangent=None):
+  """``fn(x, kernel)`` and the gradients of ``sum(fn * cotangent)`` w.r.t. ``x`` and ``kernel``."""
+  if cotangent is None:
+    y_shape = jax.eval_shape(fn, x, kernel).shape
+    # Unit-scale gradients: the kernel gradient sums over N * H * W output pixels.
+    cotangent = np.random.default_rng(1).standard_normal(y_shape, np.float32)
+    cotangent = jnp.asarray(cotangent / np.sqrt(np.prod(y_shape[:3])))
+  return _jitted_value_and_grads(fn, x, kernel, cotangent)
+
+
+def _assert_same(fn, reference, x, kernel):
+  for got, want, what in zip(_value_and_grads(fn, x, kernel),
+                             _value_and_grads(reference, x, kernel), ('y', 'dx', 'dkernel')):
+    assert got.shape == want.shape, what
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=what)
+
+
+def _lax_conv_transpose(x, kernel):
+  """``ConvTranspose2d(4, 2, 1)`` by ``lax.conv_transpose``: the gradient of a Conv2d whose
+  HWIO kernel is ours with in/out swapped; padding ``k - 1 - p = 2``."""
+  return lax.conv_transpose(x, kernel.transpose(0, 1, 3, 2), (2, 2), ((2, 2), (2, 2)),
+                            dimension_numbers=layers.DIMENSION_NUMBERS, transpose_kernel=True)
+
+
+def _plain_up(x, kernel):
+  return layers.conv_transpose(x, kernel, 2, 1)
+
+
+def _plain_down(stride):
+  return {1: _plain_down_s1, 2: _plain_down_s2}[stride]
+
+
+def _plain_down_s1(x, kernel):
+  return layers.conv(x, kernel, 1, 1)
+
+
+def _plain_down_s2(x, kernel):
+  return layers.conv(x, kernel, 2, 1)
+
+
+# (N, H, W, in, out): square and not, batch 1 and more, odd and tiny channel counts, 1x1.
+UP_SHAPES = [(1, 4, 4, 8, 16), (2, 3, 5, 7, 5), (3, 1, 1, 6, 3)]
+DOWN_SHAPES = [(1, 8, 8, 8, 16), (2, 6, 10, 7, 5), (3, 2, 2, 6, 3)]
+
+
+@pytest.mark.parametrize('shape', UP_SHAPES)
+def test_plain_conv_transpose_is_lax_conv_transpose(shape):
+  n, h, w, c_in, c_out = shape
+  x, kernel = _data((n, h, w, c_in), (4, 4, c_in, c_out))
+  _assert_same(_plain_up, _lax_conv_transpose, x, kernel)
+
+
+@pytest.mark.parametrize('shape', UP_SHAPES)
+@pytest.mark.parametrize('fn', [layers.up_conv_4x4_subpixel, layers.up_conv_4x4_matmul],
+                         ids=['subpixel', 'matmul'])
+def test_fast_up_conv_formulations_equal_lax_conv_transpose(fn, shape):
+  n, h, w, c_in, c_out = shape
+  x, kernel = _data((n, h, w, c_in), (4, 4, c_in, c_out))
+  _assert_same(fn, _lax_conv_transpose, x, kernel)
+
+
+@pytest.mark.parametrize('shape', DOWN_SHAPES)
+@pytest.mark.parametrize('stride', [1, 2])
+def test_matmul_conv_equals_lax_conv(shape, stride):
+  n, h, w, c_in, c_out = shape
+  x, kernel = _data((n, h + (stride == 1), w, c_in), (4, 4, c_in, c_out))  # Odd H at stride 1.
+  _assert_same(functools.partial(layers.conv_4x4_matmul, stride=stride), _plain_down(stride),
+               x, kernel)
+
+
+@pytest.mark.parametrize('max_pixels', [0, 10**9], ids=['spatial', 'matmul'])
+def test_fast_dispatch_equals_plain_in_both_regimes(monkeypatch, max_pixels):
+  # The threshold picks the formulation; both sides of it must be exact.
+  monkeypatch.setattr(layers, 'MATMUL_MAX_PIXELS', max_pixels)
+  x, kernel = _data((2, 8, 6, 20), (4, 4, 20, 24))
+  for stride in (1, 2):
+    _assert_same(functools.partial(layers.conv_fast, stride=stride, padding=1),
+                 _plain_down(stride), x, kernel)
+  _assert_same(layers.up_conv_4x4_fast, _plain_up, x, kernel)
+
+
+def test_conv_fast_leaves_other_kernel_sizes_to_lax():
+  x, kernel = _data((1, 6, 6, 4), (3, 3, 4, 5))
+  np.testing.assert_array_equal(layers.conv_fast(x, kernel, 2, 1), layers.conv(x, kernel, 2, 1))
+
+
+@pytest.mark.parametrize('name, fast, plain', [
+    ('down_s2', functools.partial(layers.conv_fast, stride=2, padding=1), _plain_down_s2),
+    ('down_s1', functools.partial(layers.conv_fast, stride=1, padding=1), _plain_down_s1),
+    ('up_s2', layers.up_conv_4x4_fast, _plain_up),
+])
+def test_fast_and_plain_match_torch_conv2d_and_conv_transpose2d(name, fast, plain):
+  data = np.load(os.path.join(FIXTURES, 'conv_torch.npz'))
+  nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
+  # Conv2d.weight is (out, in, kh, kw); ConvTranspose2d.weight is (in, out, kh, kw). Both are
+  # stored (kh, kw, in, out), without a flip.
+  to_hwio = (2, 3, 1, 0) if name.startswith('down') else (2, 3, 0, 1)
+  x, kernel = nhwc(data[f'{name}_x']), jnp.asarray(data[f'{name}_weight'].transpose(to_hwio))
+  cotangent = nhwc(data[f'{name}_cotangent'])
+  for fn in (fast, plain):
+    y, dx, dkernel = _value_and_grads(fn, x, kernel, cotangent)
+    np.testing.assert_allclose(y, nhwc(data[f'{name}_y']), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(dx, nhwc(data[f'{name}_dx']), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(dkernel, data[f'{name}_dweight'].transpose(to_hwio),
+                               rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize('module, x_shape', [
+    (lambda impl: layers.Conv(1, 4, stride=1, padding=1, impl=impl), (1, 7, 5, 20)),
+    (lambda impl: layers.ConvTranspose(3, 4, impl=impl), (2, 2, 3, 20)),
+], ids=['conv', 'conv_transpose'])
+def test_modules_read_the_same_parameters_in_fast_and_plain_mode(module, x_shape):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(x_shape, np.float32))
+  variables = jax.jit(module('fast').init)(jax.random.PRNGKey(1), x)
+  plain_variables = jax.eval_shape(module('plain').init, jax.random.PRNGKey(1), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, plain_variables)
+  np.testing.assert_allclose(jax.jit(module('fast').apply)(variables, x),
+                             jax.jit(module('plain').apply)(variables, x), rtol=RTOL, atol=ATOL)
+
+
+def test_unknown_conv_impl_is_a_clear_error():
+  x = jnp.zeros((1, 4, 4, 2))
+  with pytest.raises(ValueError, match="conv_impl must be 'fast' or 'plain'"):
+    layers.Conv(2, 4, stride=2, padding=1, impl='quick').init(jax.random.PRNGKey(0), x)
