@@ -19,7 +19,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, write_aligned_dataset
+from conftest import REPO_ROOT, load_config, write_aligned_dataset
+from p2p_jax import parallel
 
 LOSSES = ('D_fake', 'D_real', 'G_GAN', 'G_L1')
 TIMEOUT = 420  # Seconds for one run; a run that takes longer is a hang.
@@ -121,6 +122,20 @@ def assert_close(first: dict, second: dict, steps) -> None:
     for k in LOSSES:  # Logged with 6 significant digits; reduction order may differ.
       np.testing.assert_allclose(first[step][k], second[step][k], rtol=1e-4,
                                  err_msg=f'{k} at step {step}')
+
+
+def test_distributed_settings_come_from_the_config_then_the_environment(monkeypatch):
+  config = load_config('default').distributed
+  for variable in parallel.ENV_VARS.values():
+    monkeypatch.delenv(variable, raising=False)
+  assert parallel.distributed_settings(config) == dict(
+      coordinator_address=None, num_processes=None, process_id=None)  # Auto-detected.
+  monkeypatch.setenv('P2P_COORDINATOR_ADDRESS', '10.0.0.1:1234')
+  monkeypatch.setenv('P2P_NUM_PROCESSES', '4')
+  monkeypatch.setenv('P2P_PROCESS_ID', '0')
+  config.process_id = 3
+  assert parallel.distributed_settings(config) == dict(
+      coordinator_address='10.0.0.1:1234', num_processes=4, process_id=3)
 
 
 @pytest.fixture(scope='module')
