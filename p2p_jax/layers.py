@@ -67,6 +67,12 @@ MATMUL_MAX_FEATURES = 16
 def patches_4x4(x: jax.Array, stride: int) -> jax.Array:
   """im2col for a 4x4 kernel with zero padding 1 and the given stride.
 
+  Built from a few large slices rather than 16 strided ones, so that it and its adjoint (the
+  col2im of the up-conv and of every gradient) compile to few XLA fusions. With stride 2,
+  space-to-depth turns the 4x4 window into a 2x2 window of 2x2 blocks: tap ``kh = 2a + p``
+  is block row ``a``, phase ``p``. With stride 1, the four column taps are gathered first,
+  then the four row taps.
+
   Args:
     x: ``(N, H, W, C)``.
     stride: 1 or 2.
@@ -76,13 +82,21 @@ def patches_4x4(x: jax.Array, stride: int) -> jax.Array:
     ``(kh, kw, c)``, as an HWIO kernel reshaped to ``(16 * C, out)``.
   """
   n, h, w, c = x.shape
-  ho, wo = (h - 2) // stride + 1, (w - 2) // stride + 1
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  taps = [lax.slice(xp, (0, kh, kw, 0),
-                    (n, kh + stride * (ho - 1) + 1, kw + stride * (wo - 1) + 1, c),
-                    (1, stride, stride, 1))
-          for kh in range(4) for kw in range(4)]
-  return jnp.concatenate(taps, axis=-1)
+  if stride == 2:
+    ho, wo = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+    # An odd H leaves one padded row that no window reaches.
+    xp = xp[:, :2 * (ho + 1), :2 * (wo + 1)]
+    blocks = xp.reshape(n, ho + 1, 2, wo + 1, 2, c).transpose(0, 1, 3, 2, 4, 5)  # (.., p, q, c)
+    rows = jnp.stack([blocks[:, a:a + ho] for a in range(2)], axis=3)  # (n, ho, wo+1, a, p, q, c)
+    taps = jnp.stack([rows[:, :, b:b + wo] for b in range(2)], axis=5)  # (.., a, p, b, q, c)
+  elif stride == 1:
+    ho, wo = h - 1, w - 1
+    cols = jnp.stack([xp[:, :, kw:kw + wo] for kw in range(4)], axis=3)  # (n, h+2, wo, kw, c)
+    taps = jnp.stack([cols[:, kh:kh + ho] for kh in range(4)], axis=3)  # (n, ho, wo, kh, kw, c)
+  else:
+    raise ValueError(f'patches_4x4 supports stride 1 or 2, got {stride}')
+  return taps.reshape(n, ho, wo, 16 * c)
 
 
 def conv_4x4_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
