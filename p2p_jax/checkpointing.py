@@ -18,6 +18,7 @@ import os
 from typing import Any, Optional
 
 import grain
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -26,15 +27,18 @@ from absl import logging
 TRAIN_ITEMS = ('generator', 'discriminator', 'optimizer', 'state')
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'checkpoints')
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """``WORKDIR/checkpoints``: local paths made absolute, URLs (``gs://...``) kept as they are,
+  since orbax reads and writes buckets directly."""
+  path = workdir if '://' in workdir else os.path.abspath(workdir)
+  return epath.Path(path) / 'checkpoints'
 
 
 def create_manager(workdir: str, max_to_keep: Optional[int] = None) -> ocp.CheckpointManager:
   """An async CheckpointManager in ``WORKDIR/checkpoints`` (max_to_keep None keeps all)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(checkpoint_dir(workdir)), options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 class _FrozenIteratorState:
@@ -114,8 +118,8 @@ def _abstract(tree, sharding):
 
 
 def saved_items(manager: ocp.CheckpointManager, step: int) -> set:
-  return {name for name in os.listdir(os.path.join(manager.directory, str(step)))
-          if not name.startswith('_')}
+  return {path.name for path in (manager.directory / str(step)).iterdir()
+          if not path.name.startswith('_')}
 
 
 def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state,
@@ -132,7 +136,7 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_stat
   Returns:
     The restored TrainState.
   """
-  path = os.path.join(manager.directory, str(step))
+  path = manager.directory / str(step)
   missing = [name for name in TRAIN_ITEMS if name not in saved_items(manager, step)]
   if missing:
     raise ValueError(f'Checkpoint {path} has no {missing} item(s), so training cannot resume '
@@ -177,10 +181,10 @@ def restore_generator(workdir: str, abstract_variables: dict, sharding,
     (variables, step).
   """
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     raise FileNotFoundError(f'No checkpoints in {directory}: train first, or point --workdir '
                             'at a run (or a converted PyTorch checkpoint).')
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  manager = ocp.CheckpointManager(directory)
   steps = manager.all_steps()
   if step is None:
     if not steps:
@@ -189,7 +193,7 @@ def restore_generator(workdir: str, abstract_variables: dict, sharding,
   elif step not in steps:
     raise FileNotFoundError(f'No checkpoint for step {step} in {directory}; '
                             f'available steps: {sorted(steps)}.')
-  path = os.path.join(manager.directory, str(step))
+  path = manager.directory / str(step)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         generator=ocp.args.StandardRestore(_abstract(abstract_variables, sharding))))
@@ -203,7 +207,7 @@ def restore_generator(workdir: str, abstract_variables: dict, sharding,
 
 def restore_config(workdir: str, step: int) -> dict:
   """The config stored with checkpoint ``step`` (as a dict)."""
-  manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir(workdir)))
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir))
   try:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
   finally:

@@ -17,7 +17,6 @@ ReLU, padding, dropout and affine-free InstanceNorm still take an index), rather
 hard-coded key tables.
 """
 import difflib
-import os
 from typing import NamedTuple, Optional
 
 import jax
@@ -289,7 +288,7 @@ def convert_checkpoint(config: ml_collections.ConfigDict, workdir: str, torch_ge
     ConversionError: weights that do not fit ``config``, or ``workdir`` already has checkpoints.
   """
   directory = checkpointing.checkpoint_dir(workdir)
-  if os.path.isdir(directory) and os.listdir(directory):
+  if directory.is_dir() and any(directory.iterdir()):
     raise ConversionError(f'{directory} already holds checkpoints; converting into it would '
                           'overwrite or mix runs. Use a fresh --workdir.')
   g_vars = convert_network(pth.read_state_dict(torch_generator), config, 'generator',

@@ -24,7 +24,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from PIL import Image
 
 from p2p_jax import checkpointing, datasets, metrics, models, parallel, train
@@ -250,6 +249,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              'num_images': num_images, 'num_samples': num_samples,
              **{key: value / count for key, value in sums.items()}}
   logging.info('Eval of step %d on %s (%s mode): %s', step, config.eval.split, mode, results)
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'),
                                                 just_logging=not is_writer)
   writer.write_scalars(step, {f'eval/{key}': results[key] for key in ('L1', 'PSNR', 'SSIM')})

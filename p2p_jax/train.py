@@ -11,7 +11,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
 from flax import struct
 
 from p2p_jax import checkpointing, input_pipeline, losses, models, parallel
@@ -96,7 +95,11 @@ def create_train_state(pix2pix: Pix2Pix, config: ml_collections.ConfigDict,
         discriminator=net_state(pix2pix.discriminator, d_key,
                                 config.input_nc + config.output_nc))
 
-  return init(rng)
+  # XLA:CPU compiles the dozens of normal draws of the init ~4x faster without threefry's
+  # partitionable mode (demo config: 6.5 s instead of 25 s). Parameters are replicated, so
+  # partitioning their random bits buys nothing; the init stays a function of `rng`.
+  with jax.threefry_partitionable(False):
+    return init(rng)
 
 
 def _apply_train(module: nn.Module, params, batch_stats, x, rng=None):
@@ -341,6 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(state.step)
 
   is_chief = jax.process_index() == 0
+  # clu imports TensorFlow (seconds); only the training loop needs it.
+  from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   if start_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))
