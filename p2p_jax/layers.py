@@ -59,8 +59,9 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
 # re-layouts around a few output pixels), while a GEMM streams the kernel once. Above it, the
 # convolution kernels win; see the measurements in the README's performance section.
 MATMUL_MAX_PIXELS = 256
-# Below this many output channels, XLA:CPU computes a convolution's kernel gradient with a slow
-# generic loop (its fast convolution path wants more than 16 features), so use the matmul form.
+# With at most this many output channels, XLA:CPU computes a convolution's kernel gradient in a
+# slow generic loop (its fast convolution path wants more than 16 features): that gradient is
+# then a matmul too.
 MATMUL_MAX_FEATURES = 16
 
 
@@ -109,15 +110,27 @@ def conv_4x4_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 
 def up_conv_4x4_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as one matmul, then col2im.
+  """``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as matmuls, then col2im.
 
   Input pixel ``i`` sends ``x[i] @ kernel[k]`` to output ``2i - 1 + k``, which is exactly the
   adjoint of :func:`patches_4x4` with stride 2 (that reads output ``2i - 1 + k`` into patch
-  ``(i, k)``). So: one ``(pixels, in) @ (in, 16 * out)`` matmul, then that adjoint.
+  ``(i, k)``). So: the products for all 16 taps, then that adjoint.
+
+  On a few pixels the products are 16 matmuls on the kernel as stored, one per tap (copying
+  the small input 16 times is cheaper than re-laying-out a 4x4x1024x512 kernel). On many
+  pixels (few output channels) they are one ``(pixels, in) @ (in, 16 * out)`` matmul.
   """
   n, h, w, c_in = x.shape
   c_out = kernel.shape[-1]
-  cols = jnp.dot(x, kernel.transpose(2, 0, 1, 3).reshape(c_in, 16 * c_out))
+  pixels = n * h * w
+  if pixels <= MATMUL_MAX_PIXELS:
+    x16 = jnp.broadcast_to(x.reshape(1, pixels, c_in), (16, pixels, c_in))
+    taps = lax.dot_general(x16, kernel.reshape(16, c_in, c_out),
+                           (((2,), (1,)), ((0,), (0,))))  # (16, pixels, out)
+    cols = taps.reshape(16, n, h, w, c_out).transpose(1, 2, 3, 0, 4)
+  else:
+    cols = jnp.dot(x, kernel.transpose(2, 0, 1, 3).reshape(c_in, 16 * c_out))
+  cols = cols.reshape(n, h, w, 16 * c_out)
   out = jax.ShapeDtypeStruct((n, 2 * h, 2 * w, c_out), cols.dtype)
   (y,) = jax.linear_transpose(lambda y: patches_4x4(y, 2), out)(cols)
   return y
@@ -150,8 +163,44 @@ def up_conv_4x4_subpixel(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return y.reshape(n, 2 * h, 2 * w, out)
 
 
-def _use_matmul(pixels: int, features: int) -> bool:
-  return pixels <= MATMUL_MAX_PIXELS or features <= MATMUL_MAX_FEATURES
+@jax.custom_vjp
+def conv_4x4_s1_matmul_kernel_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``Conv2d(kernel 4, stride 1, padding 1)`` whose kernel gradient is a few small matmuls.
+
+  For layers with few output channels (the PatchGAN's 1-channel head): XLA:CPU runs their
+  forward and input-gradient convolutions fast, but their kernel gradient in a slow generic
+  loop, and im2col patches of a 30x30x512 map would be 16x its size. So only the kernel
+  gradient is rewritten, one matmul per kernel row ``kh``:
+
+    dkernel[kh, kw, c, o] = sum_{n,i,j'} xp[n, i + kh, j', c] * dy[n, i, j' - kw, o]
+
+  where ``xp`` is the padded input: a row slab of ``xp`` (rows ``kh .. kh + Ho``, all
+  columns) times ``dy`` shifted right by ``kw`` (zero outside), stacked over ``kw``.
+  """
+  return conv(x, kernel, 1, 1)
+
+
+def _kernel_grad_fwd(x, kernel):
+  return conv(x, kernel, 1, 1), (x, kernel)
+
+
+def _kernel_grad_bwd(residuals, dy):
+  x, kernel = residuals
+  _, conv_vjp = jax.vjp(lambda x: conv(x, kernel, 1, 1), x)
+  (dx,) = conv_vjp(dy)
+  n, h, w, c = x.shape
+  _, ho, wo, c_out = dy.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  dy_t = jnp.moveaxis(dy, -1, 0).astype(x.dtype)  # (out, n, ho, wo)
+  shifted = jnp.stack([jnp.pad(dy_t, ((0, 0), (0, 0), (0, 0), (kw, w + 2 - wo - kw)))
+                       for kw in range(4)])  # (kw, out, n, ho, w + 2)
+  shifted = shifted.reshape(4 * c_out, n * ho * (w + 2))
+  rows = [jnp.dot(shifted, xp[:, kh:kh + ho].reshape(-1, c)) for kh in range(4)]
+  dkernel = jnp.stack(rows).reshape(4, 4, c_out, c).transpose(0, 1, 3, 2)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+conv_4x4_s1_matmul_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
 
 
 def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -168,8 +217,10 @@ def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax
   n, h, w, _ = x.shape
   if kernel.shape[:2] == (4, 4) and padding == 1 and stride in (1, 2):
     pixels = n * ((h - 2) // stride + 1) * ((w - 2) // stride + 1)
-    if _use_matmul(pixels, kernel.shape[-1]):
+    if pixels <= MATMUL_MAX_PIXELS:
       return conv_4x4_matmul(x, kernel, stride)
+    if stride == 1 and kernel.shape[-1] <= MATMUL_MAX_FEATURES:
+      return conv_4x4_s1_matmul_kernel_grad(x, kernel)
   return conv(x, kernel, stride, padding)
 
 
@@ -184,7 +235,7 @@ def up_conv_4x4_fast(x: jax.Array, kernel: jax.Array) -> jax.Array:
     ``(N, 2H, 2W, out)``, equal to ``conv_transpose(x, kernel, 2, 1)`` to float32 rounding.
   """
   n, h, w, _ = x.shape
-  if _use_matmul(n * h * w, kernel.shape[-1]):
+  if n * h * w <= MATMUL_MAX_PIXELS or kernel.shape[-1] <= MATMUL_MAX_FEATURES:
     return up_conv_4x4_matmul(x, kernel)
   return up_conv_4x4_subpixel(x, kernel)
 

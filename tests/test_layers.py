@@ -101,6 +101,12 @@ def test_matmul_conv_equals_lax_conv(shape, stride):
                x, kernel)
 
 
+@pytest.mark.parametrize('c_out', [1, 3])
+def test_conv_with_a_matmul_kernel_gradient_equals_lax_conv(c_out):
+  x, kernel = _data((2, 9, 8, 20), (4, 4, 20, c_out))  # Like the PatchGAN's 1-channel head.
+  _assert_same(layers.conv_4x4_s1_matmul_kernel_grad, _plain_down_s1, x, kernel)
+
+
 @pytest.mark.parametrize('max_pixels', [0, 10**9], ids=['spatial', 'matmul'])
 def test_fast_dispatch_equals_plain_in_both_regimes(monkeypatch, max_pixels):
   # The threshold picks the formulation; both sides of it must be exact.
@@ -109,6 +115,10 @@ def test_fast_dispatch_equals_plain_in_both_regimes(monkeypatch, max_pixels):
   for stride in (1, 2):
     _assert_same(functools.partial(layers.conv_fast, stride=stride, padding=1),
                  _plain_down(stride), x, kernel)
+  _assert_same(layers.up_conv_4x4_fast, _plain_up, x, kernel)
+  x, kernel = _data((2, 9, 8, 20), (4, 4, 20, 1))  # Few output channels.
+  _assert_same(functools.partial(layers.conv_fast, stride=1, padding=1), _plain_down_s1,
+               x, kernel)
   _assert_same(layers.up_conv_4x4_fast, _plain_up, x, kernel)
 
 
