@@ -1,0 +1,31 @@
+"""The step benchmark CLI prints one JSON line with the figures the README table is made of."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+def test_step_benchmark_prints_one_json_line_with_timing_flops_and_memory():
+  cmd = [sys.executable, '-m', 'p2p_jax.benchmark', '--what=step',
+         f'--config={os.path.join(REPO_ROOT, "configs", "default.py")}',
+         '--config.model.netG=unet_32', '--config.model.ngf=8', '--config.model.ndf=8',
+         '--config.crop_size=32', '--config.load_size=32', '--batch_size=2', '--steps=2',
+         '--warmup=1']
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'}).stdout
+  lines = [line for line in out.splitlines() if line.startswith('{')]
+  assert len(lines) == 1, out
+  result = json.loads(lines[0])
+  assert result['batch_size'] == 2 and result['size'] == 32 and result['steps'] == 2
+  assert result['conv_impl'] == 'fast'
+  assert result['median_s_per_step'] > 0
+  assert result['images_per_sec'] == pytest.approx(2 / result['median_s_per_step'], rel=0.01)
+  assert result['compile_s'] > 0
+  assert result['step_gflops'] > 0  # XLA's cost analysis of the compiled step.
+  assert result['achieved_gflops_per_sec'] > 0
+  assert result['peak_host_rss_mb'] > 0
+  assert result['devices'] == ['cpu:cpu']
