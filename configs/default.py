@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.ndf = 64
   config.model.norm = 'batch'  # 'batch', 'instance', 'none'.
   config.model.use_dropout = True
-  config.model.conv_impl = 'fast'  # 'fast' (sub-pixel up-convs) or 'plain' (lax ops).
+  config.model.conv_impl = 'fast'  # 'fast' (exact sub-pixel / matmul convs) or 'plain' (lax).
   config.compute_dtype = 'float32'  # 'bfloat16': bf16 activations, fp32 params/optimizer.
 
   config.loss = ml_collections.ConfigDict()
