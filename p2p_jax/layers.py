@@ -54,14 +54,15 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
 
 
 # A 4x4 layer whose low-resolution side (the output of a down-conv, the input of an up-conv)
-# has at most this many pixels, batch included, runs as one matmul over im2col patches. There,
+# has at most this many pixels, batch included, runs as matmuls (over im2col patches for a
+# down-conv, one per kernel tap for an up-conv), and so do its gradients. There,
 # XLA:CPU's convolution kernels cost several times their FLOPs (per-call overhead and kernel
 # re-layouts around a few output pixels), while a GEMM streams the kernel once. Above it, the
 # convolution kernels win; see the measurements in the README's performance section.
 MATMUL_MAX_PIXELS = 256
 # With at most this many output channels, XLA:CPU computes a convolution's kernel gradient in a
-# slow generic loop (its fast convolution path wants more than 16 features): that gradient is
-# then a matmul too.
+# slow generic loop (its fast convolution path wants more than 16 features), so that gradient
+# is computed with matmuls instead.
 MATMUL_MAX_FEATURES = 16
 
 
@@ -188,7 +189,7 @@ def _kernel_grad_bwd(residuals, dy):
   x, kernel = residuals
   _, conv_vjp = jax.vjp(lambda x: conv(x, kernel, 1, 1), x)
   (dx,) = conv_vjp(dy)
-  n, h, w, c = x.shape
+  n, _, w, c = x.shape
   _, ho, wo, c_out = dy.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   dy_t = jnp.moveaxis(dy, -1, 0).astype(x.dtype)  # (out, n, ho, wo)
