@@ -275,7 +275,7 @@ def _fixed_examples(config, split: str) -> Optional[dict]:
   return {'A': np.stack([e['A'] for e in examples]), 'B': np.stack([e['B'] for e in examples])}
 
 
-def _write_images(writer, pix2pix: Pix2Pix, state: TrainState, examples: dict, step: int,
+def _write_images(writer, state: TrainState, examples: dict, step: int,
                   generate_fn) -> dict:
   """Writes input | generated | target grids; returns the L1 of each set (in [-1, 1] units)."""
   images, l1 = {}, {}
@@ -387,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                        epoch=(step + 1) / steps_per_epoch)
         writer.write_scalars(step + 1, summary)
       if examples and ((step + 1) % config.image_every_steps == 0 or done):
-        writer.write_scalars(step + 1, _write_images(writer, pix2pix, state, examples, step + 1,
+        writer.write_scalars(step + 1, _write_images(writer, state, examples, step + 1,
                                                      generate_fn))
       if (step + 1) % config.checkpoint_every_steps == 0 or done:
         _fetch_metrics(pending, manager)
