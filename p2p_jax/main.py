@@ -38,6 +38,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = FLAGS.config
+  # Before JAX creates its CPU client: on CPU this saves ~0.3 s of page faults per step.
+  from p2p_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.keep_freed_memory_mapped()
   logging.get_absl_handler().addFilter(_QuietOrbaxInfo())
   # Before any other JAX call: multi-host runs join the distributed runtime here.
   from p2p_jax import parallel  # pylint: disable=g-import-not-at-top
