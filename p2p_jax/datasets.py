@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
 # As the official loader (data/image_folder.py), compared lower-case.
@@ -79,9 +80,14 @@ def get_source(config: ml_collections.ConfigDict, split: str) -> Source:
 
 
 def open_image(data: str | bytes, what: str) -> Image.Image:
-  """Fully decodes an image file (a path or its bytes); ``what`` names it in errors."""
+  """Fully decodes an image file (a path or its bytes); ``what`` names it in errors.
+
+  A path may be local or a bucket URI (``gs://...``): it is read through ``etils.epath``.
+  """
   try:
-    image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    if not isinstance(data, bytes):
+      data = epath.Path(data).read_bytes()
+    image = Image.open(io.BytesIO(data))
     image.load()  # Decode now, so a truncated file fails here and not later.
   except FileNotFoundError as e:
     raise BadImageError(f'{what}: file not found') from e
@@ -150,16 +156,18 @@ def list_aligned_images(data_dir: str, split: str) -> list[str]:
   if not data_dir:
     raise ValueError('config.dataset.data_dir is not set: point it at a folder holding '
                      'train/, val/ and test/ folders of A|B images (e.g. facades).')
-  if not os.path.isdir(data_dir):
+  # epath: data_dir may also be a bucket URI (gs://...), as on TPU pods.
+  root = epath.Path(data_dir)
+  if not root.is_dir():
     raise FileNotFoundError(f'config.dataset.data_dir={data_dir!r} does not exist or is not '
                             'a folder.')
-  split_dir = os.path.join(data_dir, split)
-  if not os.path.isdir(split_dir):
-    found = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
+  split_dir = root / split
+  if not split_dir.is_dir():
+    found = sorted(d.name for d in root.iterdir() if d.is_dir())
     raise FileNotFoundError(f'Split folder {split_dir} does not exist (folders in data_dir: '
                             f'{found or "none"}); expected {data_dir}/{split}/*.jpg.')
-  paths = sorted(os.path.join(split_dir, f) for f in os.listdir(split_dir)
-                 if f.lower().endswith(IMAGE_EXTENSIONS))
+  paths = sorted(os.fspath(f) for f in split_dir.iterdir()
+                 if f.name.lower().endswith(IMAGE_EXTENSIONS))
   if not paths:
     raise FileNotFoundError(f'Split folder {split_dir} holds no images (looked for '
                             f'{", ".join(IMAGE_EXTENSIONS)}).')

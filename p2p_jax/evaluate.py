@@ -15,6 +15,7 @@ gives the same samples, on any number of devices and with any batch size.
 Every process computes everything (evaluation is small); only process 0 writes files.
 """
 import html
+import io
 import json
 import os
 import urllib.parse
@@ -24,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
 from p2p_jax import checkpointing, datasets, metrics, models, parallel, train
@@ -113,6 +115,13 @@ def run_batch(generate_fn, variables, images: np.ndarray, sample: int, indices, 
   return np.asarray(out)[:n]
 
 
+def _save_png(image: Image.Image, path: str) -> None:
+  """Writes a PNG to a local path or a bucket URI (``gs://...``)."""
+  buffer = io.BytesIO()
+  image.save(buffer, format='PNG')
+  epath.Path(path).write_bytes(buffer.getvalue())
+
+
 def _pil(image_u8: np.ndarray) -> Image.Image:
   return Image.fromarray(image_u8[..., 0] if image_u8.shape[-1] == 1 else image_u8)
 
@@ -164,8 +173,7 @@ def write_results_page(path: str, title: str, summary: str, names, num_samples: 
           f'<h3>{html.escape(title)}</h3>\n<p>{html.escape(summary)}</p>\n<table>\n'
           f'<tr><th>name</th><th>real_A</th>{fake_headers}<th>real_B</th></tr>\n'
           + '\n'.join(rows) + '\n</table>\n</body></html>\n')
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(page)
+  epath.Path(path).write_text(page, encoding='utf-8')
 
 
 def _generate_split(dataset, generate_fn, variables, num_samples: int, batch_size: int, mesh):
@@ -187,10 +195,10 @@ def _write_example(image_dir: str, name: str, real_a, fakes, real_b) -> np.ndarr
   """Writes an example's PNGs; returns its real_A | fake_B | real_B row (RGB uint8)."""
   a_u8, b_u8 = metrics.to_uint8(real_a), metrics.to_uint8(real_b)
   fakes_u8 = [metrics.to_uint8(fake) for fake in fakes]
-  _pil(a_u8).save(os.path.join(image_dir, f'{name}_real_A.png'))
-  _pil(b_u8).save(os.path.join(image_dir, f'{name}_real_B.png'))
+  _save_png(_pil(a_u8), os.path.join(image_dir, f'{name}_real_A.png'))
+  _save_png(_pil(b_u8), os.path.join(image_dir, f'{name}_real_B.png'))
   for file_name, fake_u8 in zip(fake_names(name, len(fakes)), fakes_u8):
-    _pil(fake_u8).save(os.path.join(image_dir, file_name))
+    _save_png(_pil(fake_u8), os.path.join(image_dir, file_name))
   return np.concatenate([_rgb(a_u8), _rgb(fakes_u8[0]), _rgb(b_u8)], axis=1)
 
 
@@ -226,7 +234,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out_dir = os.path.join(workdir, 'eval', str(step))
   image_dir = os.path.join(out_dir, 'images')
   if is_writer:
-    os.makedirs(image_dir, exist_ok=True)
+    epath.Path(image_dir).mkdir(parents=True, exist_ok=True)
   names, seen, sums, tb_rows = [], set(), {'L1': 0.0, 'PSNR': 0.0, 'SSIM': 0.0}, []
   for example, fakes in _generate_split(dataset, generate_fn, variables, num_samples,
                                         batch_size, mesh):
@@ -258,8 +266,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.flush()
   writer.close()
   if is_writer:
-    with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    epath.Path(out_dir, 'metrics.json').write_text(json.dumps(results, indent=2))
     summary = ', '.join(f'{key} {results[key]:.4f}' for key in ('L1', 'PSNR', 'SSIM'))
     write_results_page(os.path.join(out_dir, 'index.html'),
                        f'Step {step}, split {config.eval.split}, mode {mode}',
@@ -303,10 +310,10 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
   if not input_dir or not output_dir:
     raise ValueError('--mode=translate needs --config.translate.input_dir and '
                      '--config.translate.output_dir.')
-  if not os.path.isdir(input_dir):
+  if not epath.Path(input_dir).is_dir():
     raise FileNotFoundError(f'config.translate.input_dir {input_dir} is not a directory.')
-  paths = [os.path.join(input_dir, f) for f in sorted(os.listdir(input_dir))
-           if not f.startswith('.') and not os.path.isdir(os.path.join(input_dir, f))]
+  paths = sorted(os.fspath(f) for f in epath.Path(input_dir).iterdir()
+                 if not f.name.startswith('.') and not f.is_dir())
   stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
   seen = set()
   for stem in stems:
@@ -336,7 +343,7 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
     groups.setdefault((config.crop_size,) * 2 if resize else (h, w), []).append(i)
   is_writer = jax.process_index() == 0
   if is_writer:
-    os.makedirs(output_dir, exist_ok=True)
+    epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
   outputs = [os.path.join(output_dir, f'{stem}.png') for stem in stems]
   for indices in groups.values():
     for start in range(0, len(indices), batch_size):
@@ -349,6 +356,6 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
         if resize and image.size != sizes[i]:
           image = image.resize(sizes[i], Image.BICUBIC)
         if is_writer:
-          image.save(outputs[i])
+          _save_png(image, outputs[i])
   logging.info('Translated %d images from %s to %s', len(paths), input_dir, output_dir)
   return outputs
