@@ -8,14 +8,15 @@
 #   launch/tpu_pod.sh --config=configs/cityscapes.py --config.batch_size=64
 #
 # The workdir and TFDS data live on a bucket, which orbax and tfds read and write directly, so
-# every worker sees the same checkpoints. (Aligned A|B folders are read from the local disk:
-# with SYNC_DATA=1 a gs:// DATA_DIR is copied to every worker first.)
+# every worker sees the same checkpoints. Aligned A|B folders are read from a gs:// DATA_DIR
+# directly, or, with SYNC_DATA=1, from a copy on every worker's disk.
 #
 # Environment:
 #   TPU_NAME, ZONE     the TPU VM (required)
 #   WORKDIR            checkpoints, TensorBoard events, eval results (required; gs://...)
 #   DATA_DIR           --config.dataset.data_dir (optional)
-#   SYNC_DATA          1: copy a gs:// DATA_DIR to ~/p2p_data on every worker (aligned folders)
+#   SYNC_DATA          1: copy a gs:// DATA_DIR to ~/p2p_data on every worker (aligned folders;
+#                      without it they are read from the bucket)
 #   ACCELERATOR_TYPE   slice to create if TPU_NAME does not exist (default v4-32)
 #   RUNTIME_VERSION    TPU VM image for a new slice (default tpu-ubuntu2204-base)
 #   SPOT               1: create a Spot slice (preempted with SIGTERM; rerun this to resume)
