@@ -281,9 +281,10 @@ def required_multiple(netG: str) -> int:
   return 4  # The ResNet generators: two stride-2 downsamplings.
 
 
-def _read_image(path: str, channels: int, size: Optional[int]) -> np.ndarray:
-  """An image file as ``(H, W, channels)`` float32 in [-1, 1], resized to ``size`` if given."""
-  image = datasets.to_channels(datasets.to_8bit(datasets.open_image(path, path), path), channels)
+def _read_image(data: bytes, path: str, channels: int, size: Optional[int]) -> np.ndarray:
+  """An image file's bytes as ``(H, W, channels)`` float32 in [-1, 1], resized to ``size`` if
+  given; ``path`` names the file in errors."""
+  image = datasets.to_channels(datasets.to_8bit(datasets.open_image(data, path), path), channels)
   if size is not None:
     image = image.resize((size, size), Image.BICUBIC)
   array = np.asarray(image, np.float32).reshape(image.height, image.width, channels)
@@ -322,8 +323,11 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
   if config.input_nc not in (1, 3):
     raise ValueError(f'config.input_nc must be 1 or 3 to read image files, got {config.input_nc}')
   # Decode every file before computing anything, so a bad file fails fast (BadImageError, a
-  # ValueError naming the file).
-  sizes = [datasets.open_image(p, p).size for p in paths]  # PIL sizes are (width, height).
+  # ValueError naming the file). Each file is read once (from a bucket: one fetch) and its
+  # bytes decoded again when its batch runs, so only encoded images are held in memory.
+  encoded = [epath.Path(p).read_bytes() for p in paths]
+  sizes = [datasets.open_image(data, p).size  # PIL sizes are (width, height).
+           for data, p in zip(encoded, paths)]
   resize = config.translate.resize
   multiple = required_multiple(config.model.netG)
   if not resize:
@@ -348,7 +352,7 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
   for indices in groups.values():
     for start in range(0, len(indices), batch_size):
       batch = indices[start:start + batch_size]
-      images = np.stack([_read_image(paths[i], config.input_nc,
+      images = np.stack([_read_image(encoded[i], paths[i], config.input_nc,
                                      config.crop_size if resize else None) for i in batch])
       fakes = run_batch(generate_fn, variables, images, 0, batch, batch_size, mesh)
       for i, fake in zip(batch, fakes):
