@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
@@ -204,6 +205,79 @@ def _kernel_grad_bwd(residuals, dy):
 conv_4x4_s1_matmul_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
 
 
+# Winograd F(2, 4) (Lavin & Gray 2016), from Toom-Cook on the points 0, 1, -1, 1/2 and
+# infinity: two outputs of a 4-tap correlation from five inputs are
+# ``AT @ ((G @ g) * (BT @ d))``. The rows of BT and G are rescaled against each other so that
+# the input transform has small integer coefficients (exact); the fractions sit in the
+# kernel transform.
+_WINOGRAD_BT = np.array([[1, -2, -1, 2, 0], [0, -1, 1, 2, 0], [0, -1, 3, -2, 0],
+                         [0, 1, 0, -1, 0], [0, 1, -2, -1, 2]], np.float64)
+_WINOGRAD_G = np.array([[1, 0, 0, 0], [1 / 2, 1 / 2, 1 / 2, 1 / 2],
+                        [1 / 6, -1 / 6, 1 / 6, -1 / 6], [8 / 3, 4 / 3, 2 / 3, 1 / 3],
+                        [0, 0, 0, 1 / 2]], np.float64)
+_WINOGRAD_AT = np.array([[1, 1, 1, 1, 0], [0, 1, -1, 1 / 2, 1]], np.float64)
+
+
+def _winograd_input_map(size: int, tiles: int) -> np.ndarray:
+  """``(5, tiles, size)``: row ``(a, t)`` is ``sum_j BT[a, j] * xpad[2t + j]``, zero padding 1.
+
+  The padding and the overlapping 5-wide tiles are folded into this constant, so the input
+  transform (and its adjoint, in the input gradient) is a small matmul, not slices and pads.
+  """
+  out = np.zeros((5, tiles, size), np.float32)
+  for t in range(tiles):
+    for j in range(5):
+      src = 2 * t + j - 1  # Row of the unpadded input.
+      if 0 <= src < size:
+        out[:, t, src] += _WINOGRAD_BT[:, j]
+  return out
+
+
+def _winograd_output_map(size: int, tiles: int) -> np.ndarray:
+  """``(size, 5, tiles)``: output ``2t + r`` is ``sum_a AT[r, a] * m[a, t]``, cropped to ``size``."""
+  out = np.zeros((size, 5, tiles), np.float32)
+  for t in range(tiles):
+    for r in range(2):
+      if 2 * t + r < size:
+        out[2 * t + r, :, t] = _WINOGRAD_AT[r]
+  return out
+
+
+def conv_4x4_s1_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``Conv2d(kernel 4, stride 1, padding 1)`` by Winograd F(2x2, 4x4).
+
+  Each 2x2 block of outputs is computed from a 5x5 input tile with 25 products per channel
+  pair instead of 64: the input tiles and the kernel go to the Winograd domain, where the
+  convolution is 25 independent ``(tiles, in) @ (in, out)`` matmuls, and come back. That is
+  2.3x fewer multiply-adds for the PatchGAN's 256->512 stride-1 layer (the step's largest),
+  and both gradients are matmuls too. Exact in exact arithmetic; in float32 its error is
+  about 2-3x a direct convolution's (the transforms' coefficients add rounding).
+
+  Args:
+    x: ``(N, H, W, in)`` float32.
+    kernel: ``(4, 4, in, out)``.
+
+  Returns:
+    ``(N, H - 1, W - 1, out)``.
+  """
+  n, h, w, c_in = x.shape
+  c_out = kernel.shape[-1]
+  ho, wo = h - 1, w - 1
+  th, tw = -(-ho // 2), -(-wo // 2)  # 2x2 output tiles; a last odd row/column is cropped.
+  dtype = x.dtype
+  in_h = _winograd_input_map(h, th).astype(dtype)
+  in_w = _winograd_input_map(w, tw).astype(dtype)
+  v = jnp.einsum('aih,bjw,nhwc->abnijc', in_h, in_w, x).reshape(25, n * th * tw, c_in)
+  # Kernel transform G g G^T as one matmul on the kernel as stored (16 taps, in * out).
+  g2 = np.kron(_WINOGRAD_G, _WINOGRAD_G).astype(dtype)  # (25, 16)
+  u = jnp.dot(g2, kernel.reshape(16, c_in * c_out)).reshape(25, c_in, c_out)
+  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # (25, tiles, out)
+  m = m.reshape(5, 5, n, th, tw, c_out)
+  out_h = _winograd_output_map(ho, th).astype(dtype)
+  out_w = _winograd_output_map(wo, tw).astype(dtype)
+  return jnp.einsum('yai,xbj,abnijo->nyxo', out_h, out_w, m)
+
+
 def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
   """:func:`conv`, with 4x4 padding-1 layers in their fastest exact formulation.
 
@@ -222,6 +296,9 @@ def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax
       return conv_4x4_matmul(x, kernel, stride)
     if stride == 1 and kernel.shape[-1] <= MATMUL_MAX_FEATURES:
       return conv_4x4_s1_matmul_kernel_grad(x, kernel)
+    if stride == 1 and x.dtype == jnp.float32 and kernel.dtype == jnp.float32:
+      # Not in bfloat16: the transforms would add rounding at 8 mantissa bits.
+      return conv_4x4_s1_winograd(x, kernel)
   return conv(x, kernel, stride, padding)
 
 

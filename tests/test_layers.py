@@ -101,6 +101,42 @@ def test_matmul_conv_equals_lax_conv(shape, stride):
                x, kernel)
 
 
+@pytest.mark.parametrize('shape', DOWN_SHAPES + [(2, 7, 4, 20, 17)])
+def test_winograd_conv_equals_lax_conv(shape):
+  n, h, w, c_in, c_out = shape
+  x, kernel = _data((n, h + 1, w, c_in), (4, 4, c_in, c_out))  # Odd and even output sizes.
+  _assert_same(layers.conv_4x4_s1_winograd, _plain_down_s1, x, kernel)
+
+
+def _float64_conv_s1(x, kernel):
+  """``Conv2d(4, 1, 1)`` in float64 numpy: the reference both float32 forms are held to."""
+  x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+  n, h, w, _ = x.shape
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(np.einsum('nhwc,co->nhwo', xp[:, i:i + h - 1, j:j + w - 1], kernel[i, j])
+             for i in range(4) for j in range(4))
+
+
+def test_winograd_error_at_the_patchgan_layer_size_is_near_a_direct_convolution():
+  # The PatchGAN's stride-1 layer sums 16 * 256 products per output. The Winograd transforms
+  # add rounding, but it must stay within a small factor of lax's own float32 error.
+  x, kernel = _data((1, 32, 32, 256), (4, 4, 256, 64))
+  want = _float64_conv_s1(x, kernel)
+  lax_error = np.abs(np.asarray(_plain_down_s1(x, kernel)) - want)
+  winograd_error = np.abs(np.asarray(jax.jit(layers.conv_4x4_s1_winograd)(x, kernel)) - want)
+  assert winograd_error.max() < 4 * lax_error.max()
+  assert np.sqrt(np.mean(winograd_error**2)) < 4 * np.sqrt(np.mean(lax_error**2))
+  assert winograd_error.max() < 5e-5  # Outputs are unit-scale.
+
+
+def test_conv_fast_uses_winograd_in_float32_and_lax_in_bfloat16():
+  x, kernel = _data((1, 20, 20, 8), (4, 4, 8, 24))  # 361 output pixels: above the matmul size.
+  conv_s1 = functools.partial(layers.conv_fast, stride=1, padding=1)
+  assert 'conv_general_dilated' not in str(jax.make_jaxpr(conv_s1)(x, kernel))
+  bf16 = (x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert 'conv_general_dilated' in str(jax.make_jaxpr(conv_s1)(*bf16))
+
+
 @pytest.mark.parametrize('c_out', [1, 3])
 def test_conv_with_a_matmul_kernel_gradient_equals_lax_conv(c_out):
   x, kernel = _data((2, 9, 8, 20), (4, 4, 20, c_out))  # Like the PatchGAN's 1-channel head.
@@ -130,8 +166,9 @@ def test_conv_fast_leaves_other_kernel_sizes_to_lax():
 @pytest.mark.parametrize('name, fast, plain', [
     ('down_s2', functools.partial(layers.conv_fast, stride=2, padding=1), _plain_down_s2),
     ('down_s1', functools.partial(layers.conv_fast, stride=1, padding=1), _plain_down_s1),
+    ('down_s1', layers.conv_4x4_s1_winograd, _plain_down_s1),
     ('up_s2', layers.up_conv_4x4_fast, _plain_up),
-])
+], ids=['down_s2', 'down_s1', 'down_s1_winograd', 'up_s2'])
 def test_fast_and_plain_match_torch_conv2d_and_conv_transpose2d(name, fast, plain):
   data = np.load(os.path.join(FIXTURES, 'conv_torch.npz'))
   nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
