@@ -145,6 +145,13 @@ _SUBPIXEL_INPUT_OFFSET = {3: -1, 1: 0, 2: 0, 0: 1}
 
 
 def _subpixel_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as four 2x2 phase convolutions.
+
+  Output pixel ``2m + r`` (per axis) only sees input ``m - 1, m`` through taps ``3, 1`` when
+  ``r = 0`` and input ``m, m + 1`` through taps ``2, 0`` when ``r = 1``. Each (row, column)
+  phase is thus a dense 2x2 stride-1 convolution, and depth-to-space interleaves the four.
+  This avoids the 3/4 zeros of the dilated formulation: same result, a quarter of the work.
+  """
   n, h, w, _ = x.shape
   out = kernel.shape[-1]
   # Kernel taps for input offsets (-1, 0) and (0, +1), per phase, as static strided slices
@@ -164,33 +171,37 @@ def _subpixel_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return y.reshape(n, 2 * h, 2 * w, out)
 
 
-@jax.custom_vjp
-def up_conv_4x4_subpixel(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as four 2x2 phase convolutions.
+def _with_kernel_grad(forward, kernel_grad):
+  """``forward(x, kernel)`` with XLA's input gradient and ``kernel_grad(x, dy)`` for the kernel.
 
-  Output pixel ``2m + r`` (per axis) only sees input ``m - 1, m`` through taps ``3, 1`` when
-  ``r = 0`` and input ``m, m + 1`` through taps ``2, 0`` when ``r = 1``. Each (row, column)
-  phase is thus a dense 2x2 stride-1 convolution, and depth-to-space interleaves the four.
-  This avoids the 3/4 zeros of the dilated formulation: same result, a quarter of the work.
-
-  The kernel gradient is 16 matmuls, one per tap, each contracting all input pixels
-  (``x shifted by the tap's offset``^T @ ``dy of the tap's phase``): XLA:CPU computes the
-  2x2 phase convolutions' kernel gradients 1-3x slower than that.
+  For convolutions whose kernel gradient XLA:CPU computes slowly: the forward and the input
+  gradient stay XLA's, only the kernel gradient is replaced by an exact matmul form.
   """
-  return _subpixel_forward(x, kernel)
+  fn = jax.custom_vjp(forward)
+
+  def fwd(x, kernel):
+    return forward(x, kernel), (x, kernel)
+
+  def bwd(residuals, dy):
+    x, kernel = residuals
+    _, x_vjp = jax.vjp(lambda x: forward(x, kernel), x)
+    (dx,) = x_vjp(dy)
+    return dx, kernel_grad(x, dy.astype(x.dtype)).astype(kernel.dtype)
+
+  fn.defvjp(fwd, bwd)
+  return fn
 
 
-def _subpixel_fwd(x, kernel):
-  return _subpixel_forward(x, kernel), (x, kernel)
+def _subpixel_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+  """The sub-pixel up-conv's kernel gradient as 16 matmuls, one per tap.
 
-
-def _subpixel_bwd(residuals, dy):
-  x, kernel = residuals
-  _, x_vjp = jax.vjp(lambda x: _subpixel_forward(x, kernel), x)
-  (dx,) = x_vjp(dy)
+  Each contracts all input pixels: ``x`` shifted by the tap's input offset, transposed, times
+  ``dy`` of the tap's phase. XLA:CPU computes the 2x2 phase convolutions' kernel gradients
+  1-3x slower than that.
+  """
   n, h, w, _ = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  dy_phases = dy.reshape(n, h, 2, w, 2, dy.shape[-1]).astype(x.dtype)
+  dy_phases = dy.reshape(n, h, 2, w, 2, dy.shape[-1])
   rows = []
   for kh in range(4):
     cols = []
@@ -200,15 +211,16 @@ def _subpixel_bwd(residuals, dy):
       dy_phase = dy_phases[:, :, 1 - kh % 2, :, 1 - kw % 2]
       cols.append(lax.dot_general(x_shifted, dy_phase, (((0, 1, 2), (0, 1, 2)), ((), ()))))
     rows.append(jnp.stack(cols))
-  return dx, jnp.stack(rows).astype(kernel.dtype)
+  return jnp.stack(rows)
 
 
-up_conv_4x4_subpixel.defvjp(_subpixel_fwd, _subpixel_bwd)
+# ``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as four 2x2 phase convolutions
+# (:func:`_subpixel_forward`), with the kernel gradient of :func:`_subpixel_kernel_grad`.
+up_conv_4x4_subpixel = _with_kernel_grad(_subpixel_forward, _subpixel_kernel_grad)
 
 
-@jax.custom_vjp
-def conv_4x4_s1_matmul_kernel_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """``Conv2d(kernel 4, stride 1, padding 1)`` whose kernel gradient is a few small matmuls.
+def _s1_row_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+  """The kernel gradient of ``Conv2d(kernel 4, stride 1, padding 1)`` as a few small matmuls.
 
   For layers with few output channels (the PatchGAN's 1-channel head): XLA:CPU runs their
   forward and input-gradient convolutions fast, but their kernel gradient in a slow generic
@@ -220,30 +232,20 @@ def conv_4x4_s1_matmul_kernel_grad(x: jax.Array, kernel: jax.Array) -> jax.Array
   where ``xp`` is the padded input: a row slab of ``xp`` (rows ``kh .. kh + Ho``, all
   columns) times ``dy`` shifted right by ``kw`` (zero outside), stacked over ``kw``.
   """
-  return conv(x, kernel, 1, 1)
-
-
-def _kernel_grad_fwd(x, kernel):
-  return conv(x, kernel, 1, 1), (x, kernel)
-
-
-def _kernel_grad_bwd(residuals, dy):
-  x, kernel = residuals
-  _, conv_vjp = jax.vjp(lambda x: conv(x, kernel, 1, 1), x)
-  (dx,) = conv_vjp(dy)
   n, _, w, c = x.shape
   _, ho, wo, c_out = dy.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  dy_t = jnp.moveaxis(dy, -1, 0).astype(x.dtype)  # (out, n, ho, wo)
+  dy_t = jnp.moveaxis(dy, -1, 0)  # (out, n, ho, wo)
   shifted = jnp.stack([jnp.pad(dy_t, ((0, 0), (0, 0), (0, 0), (kw, w + 2 - wo - kw)))
                        for kw in range(4)])  # (kw, out, n, ho, w + 2)
   shifted = shifted.reshape(4 * c_out, n * ho * (w + 2))
   rows = [jnp.dot(shifted, xp[:, kh:kh + ho].reshape(-1, c)) for kh in range(4)]
-  dkernel = jnp.stack(rows).reshape(4, 4, c_out, c).transpose(0, 1, 3, 2)
-  return dx, dkernel.astype(kernel.dtype)
+  return jnp.stack(rows).reshape(4, 4, c_out, c).transpose(0, 1, 3, 2)
 
 
-conv_4x4_s1_matmul_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
+# ``Conv2d(kernel 4, stride 1, padding 1)`` with the kernel gradient of :func:`_s1_row_kernel_grad`.
+conv_4x4_s1_matmul_kernel_grad = _with_kernel_grad(lambda x, k: conv(x, k, 1, 1),
+                                                   _s1_row_kernel_grad)
 
 
 # Winograd F(2, 4) (Lavin & Gray 2016), from Toom-Cook on the points 0, 1, -1, 1/2 and
@@ -319,6 +321,33 @@ def conv_4x4_s1_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return jnp.einsum('yai,xbj,abnijo->nyxo', out_h, out_w, m)
 
 
+def _s2_tap_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+  """The kernel gradient of ``Conv2d(kernel 4, stride 2, padding 1)`` as 16 per-tap matmuls.
+
+  Tap ``kh = 2a + p`` reads padded row ``2(i + a) + p``, which after space-to-depth is block
+  row ``i + a``, phase ``p``; so each tap's gradient is a contiguous slice of the blocked
+  input, transposed, times ``dy``, contracting all output pixels. XLA:CPU's own kernel
+  gradient runs 1.2-3x slower on the pix2pix down-convs.
+  """
+  n, h, w, c = x.shape
+  _, ho, wo, _ = dy.shape
+  xp = jnp.pad(x, ((0, 0), (1, 2 * ho + 2 - h - 1), (1, 2 * wo + 2 - w - 1), (0, 0)))
+  blocks = xp.reshape(n, ho + 1, 2, wo + 1, 2, c)
+  rows = []
+  for kh in range(4):
+    cols = []
+    for kw in range(4):
+      x_tap = blocks[:, kh // 2:kh // 2 + ho, kh % 2, kw // 2:kw // 2 + wo, kw % 2]
+      cols.append(lax.dot_general(x_tap, dy, (((0, 1, 2), (0, 1, 2)), ((), ()))))
+    rows.append(jnp.stack(cols))
+  return jnp.stack(rows)
+
+
+# ``Conv2d(kernel 4, stride 2, padding 1)`` with the kernel gradient of :func:`_s2_tap_kernel_grad`.
+conv_4x4_s2_tap_kernel_grad = _with_kernel_grad(lambda x, k: conv(x, k, 2, 1),
+                                                _s2_tap_kernel_grad)
+
+
 def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
   """:func:`conv`, with 4x4 padding-1 layers in their fastest exact formulation.
 
@@ -340,6 +369,8 @@ def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax
     if stride == 1 and x.dtype == jnp.float32 and kernel.dtype == jnp.float32:
       # Not in bfloat16: the transforms would add rounding at 8 mantissa bits.
       return conv_4x4_s1_winograd(x, kernel)
+    if stride == 2:
+      return conv_4x4_s2_tap_kernel_grad(x, kernel)
   return conv(x, kernel, stride, padding)
 
 
