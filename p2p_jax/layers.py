@@ -192,25 +192,49 @@ def _with_kernel_grad(forward, kernel_grad):
   return fn
 
 
-def _subpixel_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
-  """The sub-pixel up-conv's kernel gradient as 16 matmuls, one per tap.
+def _row_kernel_grad(x_rows: jax.Array, dy_taps, col_offsets) -> jax.Array:
+  """One kernel row's gradient, all its column taps from one matmul over all pixels.
 
-  Each contracts all input pixels: ``x`` shifted by the tap's input offset, transposed, times
-  ``dy`` of the tap's phase. XLA:CPU computes the 2x2 phase convolutions' kernel gradients
-  1-3x slower than that.
+  ``out[t, c, o] = sum_{n,i,j} x_rows[n, i, j + col_offsets[t], c] * dy_taps[t][n, i, j, o]``.
+  Shifting the (smaller) ``dy`` instead of the input keeps ``x_rows`` a contiguous slab of
+  whole rows: per-tap input windows are strided, and XLA:CPU copies and transposes each one
+  before its matmul, which cost more than the matmuls.
+
+  Args:
+    x_rows: ``(N, Ho, W', C)``, the input rows this kernel row reads, all columns.
+    dy_taps: ``(N, Ho, Wo, out)`` arrays, one per column tap.
+    col_offsets: each tap's first input column.
+
+  Returns:
+    ``(len(dy_taps), C, out)``.
+  """
+  n, ho, width, c = x_rows.shape
+  c_out = dy_taps[0].shape[-1]
+  shifted = jnp.stack([
+      jnp.pad(jnp.moveaxis(dy, -1, 0),
+              ((0, 0), (0, 0), (0, 0), (offset, width - dy.shape[2] - offset)))
+      for dy, offset in zip(dy_taps, col_offsets)])  # (tap, out, n, ho, W')
+  shifted = shifted.reshape(len(dy_taps) * c_out, n * ho * width)
+  dk = jnp.dot(shifted, x_rows.reshape(n * ho * width, c))
+  return dk.reshape(len(dy_taps), c_out, c).transpose(0, 2, 1)
+
+
+def _subpixel_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+  """The sub-pixel up-conv's kernel gradient as 4 matmuls, one per kernel row.
+
+  Tap ``(kh, kw)`` multiplies input ``m + offset`` with ``dy`` of the tap's phase at ``m``,
+  summed over all input pixels. XLA:CPU computes the 2x2 phase convolutions' kernel gradients
+  2-4x slower than that.
   """
   n, h, w, _ = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   dy_phases = dy.reshape(n, h, 2, w, 2, dy.shape[-1])
+  col_offsets = [1 + _SUBPIXEL_INPUT_OFFSET[kw] for kw in range(4)]
   rows = []
   for kh in range(4):
-    cols = []
-    for kw in range(4):
-      oh, ow = 1 + _SUBPIXEL_INPUT_OFFSET[kh], 1 + _SUBPIXEL_INPUT_OFFSET[kw]
-      x_shifted = xp[:, oh:oh + h, ow:ow + w]
-      dy_phase = dy_phases[:, :, 1 - kh % 2, :, 1 - kw % 2]
-      cols.append(lax.dot_general(x_shifted, dy_phase, (((0, 1, 2), (0, 1, 2)), ((), ()))))
-    rows.append(jnp.stack(cols))
+    row_offset = 1 + _SUBPIXEL_INPUT_OFFSET[kh]
+    dy_taps = [dy_phases[:, :, 1 - kh % 2, :, 1 - kw % 2] for kw in range(4)]
+    rows.append(_row_kernel_grad(xp[:, row_offset:row_offset + h], dy_taps, col_offsets))
   return jnp.stack(rows)
 
 
@@ -220,27 +244,16 @@ up_conv_4x4_subpixel = _with_kernel_grad(_subpixel_forward, _subpixel_kernel_gra
 
 
 def _s1_row_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
-  """The kernel gradient of ``Conv2d(kernel 4, stride 1, padding 1)`` as a few small matmuls.
+  """The kernel gradient of ``Conv2d(kernel 4, stride 1, padding 1)`` as 4 matmuls.
 
   For layers with few output channels (the PatchGAN's 1-channel head): XLA:CPU runs their
   forward and input-gradient convolutions fast, but their kernel gradient in a slow generic
-  loop, and im2col patches of a 30x30x512 map would be 16x its size. So only the kernel
-  gradient is rewritten, one matmul per kernel row ``kh``:
-
-    dkernel[kh, kw, c, o] = sum_{n,i,j'} xp[n, i + kh, j', c] * dy[n, i, j' - kw, o]
-
-  where ``xp`` is the padded input: a row slab of ``xp`` (rows ``kh .. kh + Ho``, all
-  columns) times ``dy`` shifted right by ``kw`` (zero outside), stacked over ``kw``.
+  loop, and im2col patches of a 30x30x512 map would be 16x its size. Kernel row ``kh`` reads
+  padded rows ``kh .. kh + Ho``, tap ``kw`` columns from ``kw``.
   """
-  n, _, w, c = x.shape
-  _, ho, wo, c_out = dy.shape
+  ho = dy.shape[1]
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  dy_t = jnp.moveaxis(dy, -1, 0)  # (out, n, ho, wo)
-  shifted = jnp.stack([jnp.pad(dy_t, ((0, 0), (0, 0), (0, 0), (kw, w + 2 - wo - kw)))
-                       for kw in range(4)])  # (kw, out, n, ho, w + 2)
-  shifted = shifted.reshape(4 * c_out, n * ho * (w + 2))
-  rows = [jnp.dot(shifted, xp[:, kh:kh + ho].reshape(-1, c)) for kh in range(4)]
-  return jnp.stack(rows).reshape(4, 4, c_out, c).transpose(0, 1, 3, 2)
+  return jnp.stack([_row_kernel_grad(xp[:, kh:kh + ho], [dy] * 4, range(4)) for kh in range(4)])
 
 
 # ``Conv2d(kernel 4, stride 1, padding 1)`` with the kernel gradient of :func:`_s1_row_kernel_grad`.
@@ -326,8 +339,9 @@ def _s2_tap_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
 
   Tap ``kh = 2a + p`` reads padded row ``2(i + a) + p``, which after space-to-depth is block
   row ``i + a``, phase ``p``; so each tap's gradient is a contiguous slice of the blocked
-  input, transposed, times ``dy``, contracting all output pixels. XLA:CPU's own kernel
-  gradient runs 1.2-3x slower on the pix2pix down-convs.
+  input, transposed, times ``dy``, contracting all output pixels. Used for inputs with few
+  channels (the first layers' 3 or 6): there these slices are cheap to copy, and the per-row
+  matmuls of :func:`_s2_row_kernel_grad` would be only ``2 * C`` wide.
   """
   n, h, w, c = x.shape
   _, ho, wo, _ = dy.shape
@@ -343,9 +357,42 @@ def _s2_tap_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
   return jnp.stack(rows)
 
 
-# ``Conv2d(kernel 4, stride 2, padding 1)`` with the kernel gradient of :func:`_s2_tap_kernel_grad`.
-conv_4x4_s2_tap_kernel_grad = _with_kernel_grad(lambda x, k: conv(x, k, 2, 1),
-                                                _s2_tap_kernel_grad)
+# Below this many input channels, the stride-2 kernel gradient is computed per tap (measured
+# on the first layers: 3 or 6 channels in, 64 out, where ``dy`` is the larger operand).
+S2_ROW_MIN_CHANNELS = 16
+
+
+def _s2_row_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+  """The kernel gradient of ``Conv2d(kernel 4, stride 2, padding 1)`` as 4 matmuls.
+
+  Tap ``kh = 2a + p`` reads padded row ``2(i + a) + p``: block row ``i + a``, phase ``p``.
+  With the column phase ``q`` of ``kw = 2b + q`` moved into the channels (space-to-depth
+  along the width), kernel row ``kh``'s four taps are the two column offsets ``b`` of one
+  matmul over the rows of phase ``p``. XLA:CPU's own kernel gradient runs 1.2-3x slower on
+  the pix2pix down-convs.
+  """
+  n, h, w, c = x.shape
+  _, ho, wo, _ = dy.shape
+  xp = jnp.pad(x, ((0, 0), (1, 2 * ho + 2 - h - 1), (1, 2 * wo + 2 - w - 1), (0, 0)))
+  blocks = xp.reshape(n, ho + 1, 2, wo + 1, 2 * c)  # (n, block row, p, block column, (q, c))
+  rows = []
+  for kh in range(4):
+    a, p = divmod(kh, 2)
+    taps = _row_kernel_grad(blocks[:, a:a + ho, p], [dy, dy], [0, 1])  # (b, (q, c), out)
+    rows.append(taps.reshape(4, c, dy.shape[-1]))
+  return jnp.stack(rows)
+
+
+def _s2_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+  """The kernel gradient of ``Conv2d(kernel 4, stride 2, padding 1)``, per tap or per row."""
+  if x.shape[-1] < S2_ROW_MIN_CHANNELS:
+    return _s2_tap_kernel_grad(x, dy)
+  return _s2_row_kernel_grad(x, dy)
+
+
+# ``Conv2d(kernel 4, stride 2, padding 1)`` with its kernel gradient as matmuls.
+conv_4x4_s2_matmul_kernel_grad = _with_kernel_grad(lambda x, k: conv(x, k, 2, 1),
+                                                   _s2_kernel_grad)
 
 
 def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -370,7 +417,7 @@ def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax
       # Not in bfloat16: the transforms would add rounding at 8 mantissa bits.
       return conv_4x4_s1_winograd(x, kernel)
     if stride == 2:
-      return conv_4x4_s2_tap_kernel_grad(x, kernel)
+      return conv_4x4_s2_matmul_kernel_grad(x, kernel)
   return conv(x, kernel, stride, padding)
 
 

@@ -31,13 +31,16 @@ def _jitted_value_and_grads(fn, x, kernel, cotangent):
   return (y, *vjp(cotangent))
 
 
+def _cotangent(y_shape):
+  # Unit-scale gradients: the kernel gradient sums over N * H * W output pixels.
+  cotangent = np.random.default_rng(1).standard_normal(y_shape, np.float32)
+  return jnp.asarray(cotangent / np.sqrt(np.prod(y_shape[:3])))
+
+
 def _value_and_grads(fn, x, kernel, cotangent=None):
   """``fn(x, kernel)`` and the gradients of ``sum(fn * cotangent)`` w.r.t. ``x`` and ``kernel``."""
   if cotangent is None:
-    y_shape = jax.eval_shape(fn, x, kernel).shape
-    # Unit-scale gradients: the kernel gradient sums over N * H * W output pixels.
-    cotangent = np.random.default_rng(1).standard_normal(y_shape, np.float32)
-    cotangent = jnp.asarray(cotangent / np.sqrt(np.prod(y_shape[:3])))
+    cotangent = _cotangent(jax.eval_shape(fn, x, kernel).shape)
   return _jitted_value_and_grads(fn, x, kernel, cotangent)
 
 
@@ -101,11 +104,23 @@ def test_matmul_conv_equals_lax_conv(shape, stride):
                x, kernel)
 
 
-@pytest.mark.parametrize('shape', DOWN_SHAPES)
-def test_conv_with_per_tap_kernel_gradient_equals_lax_conv(shape):
+@pytest.mark.parametrize('shape', DOWN_SHAPES + [(2, 6, 8, 16, 24)])
+def test_conv_with_a_matmul_kernel_gradient_equals_lax_conv_stride_2(shape):
   n, h, w, c_in, c_out = shape
   x, kernel = _data((n, h + 1, w, c_in), (4, 4, c_in, c_out))  # Odd H: torch floors.
-  _assert_same(layers.conv_4x4_s2_tap_kernel_grad, _plain_down_s2, x, kernel)
+  _assert_same(layers.conv_4x4_s2_matmul_kernel_grad, _plain_down_s2, x, kernel)
+
+
+@pytest.mark.parametrize('shape', DOWN_SHAPES)
+@pytest.mark.parametrize('kernel_grad', [layers._s2_tap_kernel_grad, layers._s2_row_kernel_grad],
+                         ids=['per_tap', 'per_row'])
+def test_both_stride_2_kernel_gradient_forms_equal_lax(kernel_grad, shape):
+  # The dispatch picks one form by channel count; each must hold for any.
+  n, h, w, c_in, c_out = shape
+  x, kernel = _data((n, h + 1, w, c_in), (4, 4, c_in, c_out))  # Odd H: torch floors.
+  cotangent = _cotangent(jax.eval_shape(_plain_down_s2, x, kernel).shape)
+  _, _, want = _value_and_grads(_plain_down_s2, x, kernel, cotangent)
+  np.testing.assert_allclose(jax.jit(kernel_grad)(x, cotangent), want, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize('shape', DOWN_SHAPES + [(2, 7, 4, 20, 17)])
@@ -174,7 +189,7 @@ def test_conv_fast_leaves_other_kernel_sizes_to_lax():
     ('down_s2', functools.partial(layers.conv_fast, stride=2, padding=1), _plain_down_s2),
     ('down_s1', functools.partial(layers.conv_fast, stride=1, padding=1), _plain_down_s1),
     ('down_s1', layers.conv_4x4_s1_winograd, _plain_down_s1),
-    ('down_s2', layers.conv_4x4_s2_tap_kernel_grad, _plain_down_s2),
+    ('down_s2', layers.conv_4x4_s2_matmul_kernel_grad, _plain_down_s2),
     ('up_s2', layers.up_conv_4x4_fast, _plain_up),
 ], ids=['down_s2', 'down_s1', 'down_s1_winograd', 'down_s2_taps', 'up_s2'])
 def test_fast_and_plain_match_torch_conv2d_and_conv_transpose2d(name, fast, plain):
