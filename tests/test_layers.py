@@ -74,8 +74,9 @@ def _plain_down_s2(x, kernel):
   return layers.conv(x, kernel, 2, 1)
 
 
-# (N, H, W, in, out): square and not, batch 1 and more, odd and tiny channel counts, 1x1.
-UP_SHAPES = [(1, 4, 4, 8, 16), (2, 3, 5, 7, 5), (3, 1, 1, 6, 3)]
+# (N, H, W, in, out): square and not, batch 1 and more, odd and tiny channel counts, 1x1;
+# 128 pixels reach the one-matmul input gradient of the small up-convs.
+UP_SHAPES = [(1, 4, 4, 8, 16), (2, 3, 5, 7, 5), (3, 1, 1, 6, 3), (2, 8, 8, 8, 16)]
 DOWN_SHAPES = [(1, 8, 8, 8, 16), (2, 6, 10, 7, 5), (3, 2, 2, 6, 3)]
 
 
