@@ -339,6 +339,12 @@ def _winograd_output_map(size: int, tiles: int) -> np.ndarray:
   return out
 
 
+def _batched_left(matrix: np.ndarray, x: jax.Array) -> jax.Array:
+  """``matrix @ x[k]`` for every leading index ``k``: ``(m, r)``, ``(K, r, s)`` -> ``(K, m, s)``."""
+  lhs = jnp.broadcast_to(matrix, (x.shape[0], *matrix.shape))
+  return lax.dot_general(lhs, x, (((2,), (1,)), ((0,), (0,))))
+
+
 def conv_4x4_s1_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """``Conv2d(kernel 4, stride 1, padding 1)`` by Winograd F(2x2, 4x4).
 
@@ -361,17 +367,24 @@ def conv_4x4_s1_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
   ho, wo = h - 1, w - 1
   th, tw = -(-ho // 2), -(-wo // 2)  # 2x2 output tiles; a last odd row/column is cropped.
   dtype = x.dtype
-  in_h = _winograd_input_map(h, th).astype(dtype)
-  in_w = _winograd_input_map(w, tw).astype(dtype)
-  v = jnp.einsum('aih,bjw,nhwc->abnijc', in_h, in_w, x).reshape(25, n * th * tw, c_in)
+  # Each 1-D transform contracts a leading axis (the columns batched over rows, then the
+  # rows batched over images), so only the Winograd-domain products need a transpose on either
+  # side (einsums over the middle axes made XLA:CPU transpose twice more).
+  in_h = _winograd_input_map(h, th).astype(dtype).reshape(5 * th, h)
+  in_w = _winograd_input_map(w, tw).astype(dtype).reshape(5 * tw, w)
+  v = _batched_left(in_w, x.reshape(n * h, w, c_in))  # (n h, (b j), in)
+  v = _batched_left(in_h, v.reshape(n, h, 5 * tw * c_in))  # (n, (a i), (b j in))
+  v = v.reshape(n, 5, th, 5, tw, c_in).transpose(1, 3, 0, 2, 4, 5).reshape(25, n * th * tw, c_in)
   # Kernel transform G g G^T as one matmul on the kernel as stored (16 taps, in * out).
   g2 = np.kron(_WINOGRAD_G, _WINOGRAD_G).astype(dtype)  # (25, 16)
   u = jnp.dot(g2, kernel.reshape(16, c_in * c_out)).reshape(25, c_in, c_out)
-  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # (25, tiles, out)
-  m = m.reshape(5, 5, n, th, tw, c_out)
-  out_h = _winograd_output_map(ho, th).astype(dtype)
-  out_w = _winograd_output_map(wo, tw).astype(dtype)
-  return jnp.einsum('yai,xbj,abnijo->nyxo', out_h, out_w, m)
+  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # ((a b), (n i j), out)
+  m = m.reshape(5, 5, n, th, tw, c_out).transpose(2, 0, 3, 1, 4, 5)  # (n, a, i, b, j, out)
+  out_h = _winograd_output_map(ho, th).astype(dtype).reshape(ho, 5 * th)
+  out_w = _winograd_output_map(wo, tw).astype(dtype).reshape(wo, 5 * tw)
+  y = _batched_left(out_h, m.reshape(n, 5 * th, 5 * tw * c_out))  # (n, y, (b j out))
+  y = _batched_left(out_w, y.reshape(n * ho, 5 * tw, c_out))  # (n y, x, out)
+  return y.reshape(n, ho, wo, c_out)
 
 
 def _s2_tap_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
