@@ -67,6 +67,19 @@ MATMUL_MAX_PIXELS = 256
 MATMUL_MAX_FEATURES = 16
 
 
+def _stride_2_blocks(x: jax.Array) -> jax.Array:
+  """``x`` zero-padded by 1 as the 2x2 blocks a 4x4 stride-2 window reads.
+
+  Returns ``(N, Ho + 1, 2, Wo + 1, 2, C)``: block row, row phase, block column, column phase,
+  channel, with ``Ho = (H - 2) // 2 + 1``. An odd H leaves one padded row that no window
+  reaches; it is cropped.
+  """
+  n, h, w, c = x.shape
+  ho, wo = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+  xp = jnp.pad(x, ((0, 0), (1, 2 * ho + 1 - h), (1, 2 * wo + 1 - w), (0, 0)))
+  return xp.reshape(n, ho + 1, 2, wo + 1, 2, c)
+
+
 def patches_4x4(x: jax.Array, stride: int) -> jax.Array:
   """im2col for a 4x4 kernel with zero padding 1 and the given stride.
 
@@ -85,16 +98,14 @@ def patches_4x4(x: jax.Array, stride: int) -> jax.Array:
     ``(kh, kw, c)``, as an HWIO kernel reshaped to ``(16 * C, out)``.
   """
   n, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   if stride == 2:
     ho, wo = (h - 2) // 2 + 1, (w - 2) // 2 + 1
-    # An odd H leaves one padded row that no window reaches.
-    xp = xp[:, :2 * (ho + 1), :2 * (wo + 1)]
-    blocks = xp.reshape(n, ho + 1, 2, wo + 1, 2, c).transpose(0, 1, 3, 2, 4, 5)  # (.., p, q, c)
+    blocks = _stride_2_blocks(x).transpose(0, 1, 3, 2, 4, 5)  # (n, ho+1, wo+1, p, q, c)
     rows = jnp.stack([blocks[:, a:a + ho] for a in range(2)], axis=3)  # (n, ho, wo+1, a, p, q, c)
     taps = jnp.stack([rows[:, :, b:b + wo] for b in range(2)], axis=5)  # (.., a, p, b, q, c)
   elif stride == 1:
     ho, wo = h - 1, w - 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     cols = jnp.stack([xp[:, :, kw:kw + wo] for kw in range(4)], axis=3)  # (n, h+2, wo, kw, c)
     taps = jnp.stack([cols[:, kh:kh + ho] for kh in range(4)], axis=3)  # (n, ho, wo, kh, kw, c)
   else:
@@ -396,10 +407,8 @@ def _s2_tap_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
   channels (the first layers' 3 or 6): there these slices are cheap to copy, and the per-row
   matmuls of :func:`_s2_row_kernel_grad` would be only ``2 * C`` wide.
   """
-  n, h, w, c = x.shape
   _, ho, wo, _ = dy.shape
-  xp = jnp.pad(x, ((0, 0), (1, 2 * ho + 2 - h - 1), (1, 2 * wo + 2 - w - 1), (0, 0)))
-  blocks = xp.reshape(n, ho + 1, 2, wo + 1, 2, c)
+  blocks = _stride_2_blocks(x)
   rows = []
   for kh in range(4):
     cols = []
@@ -424,10 +433,9 @@ def _s2_row_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
   matmul over the rows of phase ``p``. XLA:CPU's own kernel gradient runs 1.2-3x slower on
   the pix2pix down-convs.
   """
-  n, h, w, c = x.shape
+  n, _, _, c = x.shape
   _, ho, wo, _ = dy.shape
-  xp = jnp.pad(x, ((0, 0), (1, 2 * ho + 2 - h - 1), (1, 2 * wo + 2 - w - 1), (0, 0)))
-  blocks = xp.reshape(n, ho + 1, 2, wo + 1, 2 * c)  # (n, block row, p, block column, (q, c))
+  blocks = _stride_2_blocks(x).reshape(n, ho + 1, 2, wo + 1, 2 * c)  # (.., p, .., (q, c))
   rows = []
   for kh in range(4):
     a, p = divmod(kh, 2)

@@ -192,7 +192,7 @@ def test_conv_fast_leaves_other_kernel_sizes_to_lax():
     ('down_s1', layers.conv_4x4_s1_winograd, _plain_down_s1),
     ('down_s2', layers.conv_4x4_s2_matmul_kernel_grad, _plain_down_s2),
     ('up_s2', layers.up_conv_4x4_fast, _plain_up),
-], ids=['down_s2', 'down_s1', 'down_s1_winograd', 'down_s2_taps', 'up_s2'])
+], ids=['down_s2', 'down_s1', 'down_s1_winograd', 'down_s2_matmul_kernel_grad', 'up_s2'])
 def test_fast_and_plain_match_torch_conv2d_and_conv_transpose2d(name, fast, plain):
   data = np.load(os.path.join(FIXTURES, 'conv_torch.npz'))
   nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
