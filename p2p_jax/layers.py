@@ -195,38 +195,45 @@ def up_conv_4x4_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 _SUBPIXEL_INPUT_OFFSET = {3: -1, 1: 0, 2: 0, 0: 1}
 
 
-def _subpixel_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as four 2x2 phase convolutions.
+def _pixel_shuffle_kernel(kernel: jax.Array) -> jax.Array:
+  """The 4x4 up-conv kernel as the 2x2 kernel of :func:`_pixel_shuffle_up_conv`.
 
-  Output pixel ``2m + r`` (per axis) only sees input ``m - 1, m`` through taps ``3, 1`` when
-  ``r = 0`` and input ``m, m + 1`` through taps ``2, 0`` when ``r = 1``. Each (row, column)
-  phase is thus a dense 2x2 stride-1 convolution, and depth-to-space interleaves the four.
-  This avoids the 3/4 zeros of the dilated formulation: same result, a quarter of the work.
+  ``(4, 4, in, out)`` to ``(2, 2, in, 4 * out)``: window tap ``d`` and output phase ``q``
+  (per axis) read kernel tap ``2 * (1 - d) + q``; channels ordered ``(q_h, q_w, out)``.
+  """
+  c_in, c_out = kernel.shape[2:]
+  k = kernel.reshape(2, 2, 2, 2, c_in, c_out)[::-1, :, ::-1]  # (d_h, q_h, d_w, q_w, in, out)
+  return k.transpose(0, 2, 4, 1, 3, 5).reshape(2, 2, c_in, 4 * c_out)
+
+
+def _pixel_shuffle_up_conv(x: jax.Array, kernel: jax.Array, out_h: int,
+                           out_w: int) -> jax.Array:
+  """``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as one 2x2 convolution, then
+  depth-to-space, cropped to ``(out_h, out_w)`` (at most ``2H + 1``, ``2W + 1``).
+
+  Input ``i`` reaches output ``p = 2i - 1 + k`` through tap ``k``. Writing ``p = 2j - 1 + q``
+  (phase ``q``), output ``p`` reads inputs ``j - 1, j`` through taps ``3 - q, 1 - q``: a 2x2
+  window over the input padded by 1, the same for both phases, so one stride-1 convolution to
+  ``4 * out`` channels computes all four phases of ``H + 1`` by ``W + 1`` positions (the
+  sub-pixel convolution, with the phase shift folded into the kernel). Outputs ``-1`` and
+  ``2H`` are computed and cropped. Compared with four 2x2 phase convolutions to ``out``
+  channels each, the wider matmul runs faster on XLA:CPU (the up-conv 64x64x256->64:
+  116 -> 88 ms at batch 4), and as the input gradient of a stride-2 down-conv it is
+  1.3-1.8x faster than XLA's own.
   """
   n, h, w, _ = x.shape
-  out = kernel.shape[-1]
-  # Kernel taps for input offsets (-1, 0) and (0, +1), per phase, as static strided slices
-  # (index arrays would become gathers, and their gradients scatters).
-  taps = (slice(3, None, -2), slice(2, None, -2))
-  pads = ((1, 0), (0, 1))
-  rows = []
-  for rh in (0, 1):
-    cols = []
-    for rw in (0, 1):
-      k = kernel[taps[rh], taps[rw]]
-      cols.append(lax.conv_general_dilated(
-          x, k, window_strides=(1, 1), padding=(pads[rh], pads[rw]),
-          dimension_numbers=DIMENSION_NUMBERS))
-    rows.append(jnp.stack(cols, axis=3))  # (n, h, w, 2[rw], out)
-  y = jnp.stack(rows, axis=2)  # (n, h, 2[rh], w, 2[rw], out)
-  return y.reshape(n, 2 * h, 2 * w, out)
+  c_out = kernel.shape[-1]
+  y = lax.conv_general_dilated(x, _pixel_shuffle_kernel(kernel), window_strides=(1, 1),
+                               padding=((1, 1), (1, 1)), dimension_numbers=DIMENSION_NUMBERS)
+  y = y.reshape(n, h + 1, w + 1, 2, 2, c_out).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(n, 2 * h + 2, 2 * w + 2, c_out)[:, 1:1 + out_h, 1:1 + out_w]
 
 
-def _with_kernel_grad(forward, kernel_grad):
-  """``forward(x, kernel)`` with XLA's input gradient and ``kernel_grad(x, dy)`` for the kernel.
+def _with_grads(forward, kernel_grad, input_grad=None):
+  """``forward(x, kernel)`` with ``kernel_grad(x, dy)`` and ``input_grad(dy, kernel, x_shape)``.
 
-  For convolutions whose kernel gradient XLA:CPU computes slowly: the forward and the input
-  gradient stay XLA's, only the kernel gradient is replaced by an exact matmul form.
+  For convolutions whose gradients XLA:CPU computes slowly: each is replaced by an exact form
+  that runs faster. Without ``input_grad``, the input gradient stays XLA's.
   """
   fn = jax.custom_vjp(forward)
 
@@ -235,12 +242,20 @@ def _with_kernel_grad(forward, kernel_grad):
 
   def bwd(residuals, dy):
     x, kernel = residuals
-    _, x_vjp = jax.vjp(lambda x: forward(x, kernel), x)
-    (dx,) = x_vjp(dy)
+    if input_grad is None:
+      _, x_vjp = jax.vjp(lambda x: forward(x, kernel), x)
+      (dx,) = x_vjp(dy)
+    else:
+      dx = input_grad(dy.astype(x.dtype), kernel, x.shape).astype(x.dtype)
     return dx, kernel_grad(x, dy.astype(x.dtype)).astype(kernel.dtype)
 
   fn.defvjp(fwd, bwd)
   return fn
+
+
+def _swap_in_out(kernel: jax.Array) -> jax.Array:
+  """An HWIO kernel with in and out swapped: a stride-2 conv's adjoint is an up-conv with it."""
+  return kernel.transpose(0, 1, 3, 2)
 
 
 def _row_kernel_grad(x_rows: jax.Array, dy_taps, col_offsets) -> jax.Array:
@@ -291,9 +306,14 @@ def _subpixel_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
   return jnp.stack(rows)
 
 
-# ``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as four 2x2 phase convolutions
-# (:func:`_subpixel_forward`), with the kernel gradient of :func:`_subpixel_kernel_grad`.
-up_conv_4x4_subpixel = _with_kernel_grad(_subpixel_forward, _subpixel_kernel_grad)
+# ``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as one 2x2 convolution and depth-to-space
+# (:func:`_pixel_shuffle_up_conv`). Its input gradient is a stride-2 convolution of ``dy``
+# (XLA's forward convolution, faster than XLA's gradient of the 2x2 one), its kernel gradient
+# :func:`_subpixel_kernel_grad`.
+up_conv_4x4_subpixel = _with_grads(
+    lambda x, k: _pixel_shuffle_up_conv(x, k, 2 * x.shape[1], 2 * x.shape[2]),
+    _subpixel_kernel_grad,
+    lambda dy, k, x_shape: conv(dy, _swap_in_out(k), 2, 1))
 
 
 def _s1_row_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
@@ -310,8 +330,8 @@ def _s1_row_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
 
 
 # ``Conv2d(kernel 4, stride 1, padding 1)`` with the kernel gradient of :func:`_s1_row_kernel_grad`.
-conv_4x4_s1_matmul_kernel_grad = _with_kernel_grad(lambda x, k: conv(x, k, 1, 1),
-                                                   _s1_row_kernel_grad)
+conv_4x4_s1_matmul_kernel_grad = _with_grads(lambda x, k: conv(x, k, 1, 1),
+                                             _s1_row_kernel_grad)
 
 
 # Winograd F(2, 4) (Lavin & Gray 2016), from Toom-Cook on the points 0, 1, -1, 1/2 and
@@ -453,9 +473,11 @@ def _s2_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
   return _s2_row_kernel_grad(x, dy)
 
 
-# ``Conv2d(kernel 4, stride 2, padding 1)`` with its kernel gradient as matmuls.
-conv_4x4_s2_matmul_kernel_grad = _with_kernel_grad(lambda x, k: conv(x, k, 2, 1),
-                                                   _s2_kernel_grad)
+# ``Conv2d(kernel 4, stride 2, padding 1)``: XLA's forward, the input gradient as an up-conv
+# of ``dy`` (:func:`_pixel_shuffle_up_conv`), the kernel gradient as matmuls.
+conv_4x4_s2_fast_grads = _with_grads(
+    lambda x, k: conv(x, k, 2, 1), _s2_kernel_grad,
+    lambda dy, k, x_shape: _pixel_shuffle_up_conv(dy, _swap_in_out(k), *x_shape[1:3]))
 
 
 def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -480,7 +502,7 @@ def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax
       # Not in bfloat16: the transforms would add rounding at 8 mantissa bits.
       return conv_4x4_s1_winograd(x, kernel)
     if stride == 2:
-      return conv_4x4_s2_matmul_kernel_grad(x, kernel)
+      return conv_4x4_s2_fast_grads(x, kernel)
   return conv(x, kernel, stride, padding)
 
 

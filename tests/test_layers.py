@@ -106,10 +106,10 @@ def test_matmul_conv_equals_lax_conv(shape, stride):
 
 
 @pytest.mark.parametrize('shape', DOWN_SHAPES + [(2, 6, 8, 16, 24)])
-def test_conv_with_a_matmul_kernel_gradient_equals_lax_conv_stride_2(shape):
+def test_stride_2_conv_with_its_fast_gradients_equals_lax_conv(shape):
   n, h, w, c_in, c_out = shape
   x, kernel = _data((n, h + 1, w, c_in), (4, 4, c_in, c_out))  # Odd H: torch floors.
-  _assert_same(layers.conv_4x4_s2_matmul_kernel_grad, _plain_down_s2, x, kernel)
+  _assert_same(layers.conv_4x4_s2_fast_grads, _plain_down_s2, x, kernel)
 
 
 @pytest.mark.parametrize('shape', DOWN_SHAPES)
@@ -190,9 +190,9 @@ def test_conv_fast_leaves_other_kernel_sizes_to_lax():
     ('down_s2', functools.partial(layers.conv_fast, stride=2, padding=1), _plain_down_s2),
     ('down_s1', functools.partial(layers.conv_fast, stride=1, padding=1), _plain_down_s1),
     ('down_s1', layers.conv_4x4_s1_winograd, _plain_down_s1),
-    ('down_s2', layers.conv_4x4_s2_matmul_kernel_grad, _plain_down_s2),
+    ('down_s2', layers.conv_4x4_s2_fast_grads, _plain_down_s2),
     ('up_s2', layers.up_conv_4x4_fast, _plain_up),
-], ids=['down_s2', 'down_s1', 'down_s1_winograd', 'down_s2_matmul_kernel_grad', 'up_s2'])
+], ids=['down_s2', 'down_s1', 'down_s1_winograd', 'down_s2_fast_grads', 'up_s2'])
 def test_fast_and_plain_match_torch_conv2d_and_conv_transpose2d(name, fast, plain):
   data = np.load(os.path.join(FIXTURES, 'conv_torch.npz'))
   nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
