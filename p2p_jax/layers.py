@@ -61,9 +61,9 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
 # re-layouts around a few output pixels), while a GEMM streams the kernel once. Above it, the
 # convolution kernels win; see the measurements in the README's performance section.
 MATMUL_MAX_PIXELS = 256
-# With at most this many output channels, XLA:CPU computes a convolution's kernel gradient in a
-# slow generic loop (its fast convolution path wants more than 16 features), so that gradient
-# is computed with matmuls instead.
+# With at most this many output channels, XLA:CPU runs a convolution (its kernel gradient
+# above all) in a slow generic loop (its fast convolution path wants more than 16 features),
+# so such layers are computed with matmuls instead.
 MATMUL_MAX_FEATURES = 16
 
 
@@ -316,22 +316,23 @@ up_conv_4x4_subpixel = _with_grads(
     lambda dy, k, x_shape: conv(dy, _swap_in_out(k), 2, 1))
 
 
-def _s1_row_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
-  """The kernel gradient of ``Conv2d(kernel 4, stride 1, padding 1)`` as 4 matmuls.
+def conv_4x4_s1_tap_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``Conv2d(kernel 4, stride 1, padding 1)`` for few output channels, as one matmul.
 
-  For layers with few output channels (the PatchGAN's 1-channel head): XLA:CPU runs their
-  forward and input-gradient convolutions fast, but their kernel gradient in a slow generic
-  loop, and im2col patches of a 30x30x512 map would be 16x its size. Kernel row ``kh`` reads
-  padded rows ``kh .. kh + Ho``, tap ``kw`` columns from ``kw``.
+  For the PatchGAN's 1-channel head: one ``(pixels, in) @ (in, 16 * out)`` matmul gives every
+  tap's product at every input pixel, and output ``(i, j)`` sums tap ``(kh, kw)``'s product at
+  padded input ``(i + kh, j + kw)``: 16 shifted slices of a 16-channel map. Autodiff makes
+  both gradients matmuls too (and pads of ``dy``). XLA:CPU's convolution kernels want more
+  than 16 features (fwd + both grads of the 31x31x512->1 head at batch 4: 52 ms, 34 ms with
+  a matmul kernel gradient, 10 ms this way), and im2col patches would be 16x the input.
   """
-  ho = dy.shape[1]
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return jnp.stack([_row_kernel_grad(xp[:, kh:kh + ho], [dy] * 4, range(4)) for kh in range(4)])
-
-
-# ``Conv2d(kernel 4, stride 1, padding 1)`` with the kernel gradient of :func:`_s1_row_kernel_grad`.
-conv_4x4_s1_matmul_kernel_grad = _with_grads(lambda x, k: conv(x, k, 1, 1),
-                                             _s1_row_kernel_grad)
+  n, h, w, c_in = x.shape
+  c_out = kernel.shape[-1]
+  ho, wo = h - 1, w - 1
+  products = jnp.dot(x, kernel.transpose(2, 0, 1, 3).reshape(c_in, 16 * c_out))
+  products = jnp.pad(products.reshape(n, h, w, 4, 4, c_out),
+                     ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+  return sum(products[:, kh:kh + ho, kw:kw + wo, kh, kw] for kh in range(4) for kw in range(4))
 
 
 # Winograd F(2, 4) (Lavin & Gray 2016), from Toom-Cook on the points 0, 1, -1, 1/2 and
@@ -497,7 +498,7 @@ def conv_fast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax
     if pixels <= MATMUL_MAX_PIXELS:
       return conv_4x4_matmul(x, kernel, stride)
     if stride == 1 and kernel.shape[-1] <= MATMUL_MAX_FEATURES:
-      return conv_4x4_s1_matmul_kernel_grad(x, kernel)
+      return conv_4x4_s1_tap_products(x, kernel)
     if stride == 1 and x.dtype == jnp.float32 and kernel.dtype == jnp.float32:
       # Not in bfloat16: the transforms would add rounding at 8 mantissa bits.
       return conv_4x4_s1_winograd(x, kernel)

@@ -161,9 +161,9 @@ def test_conv_fast_uses_winograd_in_float32_and_lax_in_bfloat16():
 
 
 @pytest.mark.parametrize('c_out', [1, 3])
-def test_conv_with_a_matmul_kernel_gradient_equals_lax_conv(c_out):
+def test_few_output_channel_conv_as_tap_products_equals_lax_conv(c_out):
   x, kernel = _data((2, 9, 8, 20), (4, 4, 20, c_out))  # Like the PatchGAN's 1-channel head.
-  _assert_same(layers.conv_4x4_s1_matmul_kernel_grad, _plain_down_s1, x, kernel)
+  _assert_same(layers.conv_4x4_s1_tap_products, _plain_down_s1, x, kernel)
 
 
 @pytest.mark.parametrize('max_pixels', [0, 10**9], ids=['spatial', 'matmul'])
