@@ -113,8 +113,8 @@ def test_stride_2_conv_with_its_fast_gradients_equals_lax_conv(shape):
 
 
 @pytest.mark.parametrize('shape', DOWN_SHAPES)
-@pytest.mark.parametrize('kernel_grad', [layers._s2_tap_kernel_grad, layers._s2_row_kernel_grad],
-                         ids=['per_tap', 'per_row'])
+@pytest.mark.parametrize('kernel_grad', [layers._s2_patches_kernel_grad,
+                                         layers._s2_row_kernel_grad], ids=['patches', 'per_row'])
 def test_both_stride_2_kernel_gradient_forms_equal_lax(kernel_grad, shape):
   # The dispatch picks one form by channel count; each must hold for any.
   n, h, w, c_in, c_out = shape
