@@ -171,8 +171,11 @@ def compare_with_torch(config, batch_size: int, steps: int, rounds: int) -> dict
   ours = []
   theirs = {t: [] for t in thread_counts}  # Each round's median of `steps` torch steps.
   torch_version = None
+  our_rounds = []  # Each round's median of `steps` of our steps.
   for _ in range(rounds):
-    ours += runner.run(steps)
+    times = runner.run(steps)
+    ours += times
+    our_rounds.append(round(statistics.median(times), 4))
     for t in thread_counts:
       line = _torch_step(config, batch_size, steps, t)
       theirs[t].append(line['median_s_per_step'])
@@ -181,7 +184,7 @@ def compare_with_torch(config, batch_size: int, steps: int, rounds: int) -> dict
   torch_medians = {t: statistics.median(v) for t, v in theirs.items()}
   best_threads = min(torch_medians, key=torch_medians.get)
   result.update({
-      'what': 'compare', 'torch': torch_version,
+      'what': 'compare', 'torch': torch_version, 'round_medians': our_rounds,
       'torch_median_s_per_step_by_threads': {str(t): round(m, 4)
                                              for t, m in torch_medians.items()},
       'torch_round_medians_by_threads': {str(t): v for t, v in theirs.items()},

@@ -29,3 +29,32 @@ def test_step_benchmark_prints_one_json_line_with_timing_flops_and_memory():
   assert result['achieved_gflops_per_sec'] > 0
   assert result['peak_host_rss_mb'] > 0
   assert result['devices'] == ['cpu:cpu']
+
+
+def test_compare_alternates_rounds_with_the_reference_and_reports_the_ratio(tmp_path):
+  # A stand-in for torch_ref.py (no torch in CI): it logs its arguments and reports a fixed
+  # median. The real reference takes the same command line.
+  log = tmp_path / 'calls.txt'
+  reference = tmp_path / 'fake_ref.py'
+  reference.write_text(
+      'import json, sys\n'
+      f'open({str(log)!r}, "a").write(" ".join(sys.argv[1:]) + "\\n")\n'
+      'print(json.dumps({"median_s_per_step": 2.0, "torch": "stand-in"}))\n')
+  cmd = [sys.executable, '-m', 'p2p_jax.benchmark', '--what=compare',
+         f'--config={os.path.join(REPO_ROOT, "configs", "default.py")}',
+         '--config.model.netG=unet_32', '--config.model.ngf=8', '--config.model.ndf=8',
+         '--config.crop_size=32', '--config.load_size=32', '--batch_size=2', '--steps=2',
+         '--warmup=1', '--rounds=3', '--torch_threads=1', f'--torch_python={sys.executable}',
+         f'--torch_ref={reference}']
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'}).stdout
+  result = json.loads([line for line in out.splitlines() if line.startswith('{')][-1])
+  calls = log.read_text().splitlines()
+  assert len(calls) == 3  # One reference run per round.
+  assert calls[0].split() == ['--size', '32', '--batch', '2', '--steps', '2', '--threads', '1',
+                              '--num-downs', '5', '--ngf', '8']
+  assert len(result['round_medians']) == 3 and result['steps'] == 6
+  assert result['torch_round_medians_by_threads'] == {'1': [2.0, 2.0, 2.0]}
+  assert result['torch'] == 'stand-in' and result['torch_best_threads'] == 1
+  assert result['ratio_ours_over_torch'] == pytest.approx(result['median_s_per_step'] / 2.0,
+                                                          abs=1e-3)
