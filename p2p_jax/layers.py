@@ -291,8 +291,10 @@ def _subpixel_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
   """The sub-pixel up-conv's kernel gradient as 4 matmuls, one per kernel row.
 
   Tap ``(kh, kw)`` multiplies input ``m + offset`` with ``dy`` of the tap's phase at ``m``,
-  summed over all input pixels. XLA:CPU computes the 2x2 phase convolutions' kernel gradients
-  2-4x slower than that.
+  summed over all input pixels. XLA:CPU computes the kernel gradients of four 2x2 phase
+  convolutions 2-4x slower than that, and that of the one 2x2 convolution of
+  :func:`_pixel_shuffle_up_conv` about 70x slower (9.5 s for the 64x64x256->64 up-conv at
+  batch 4).
   """
   n, h, w, _ = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
