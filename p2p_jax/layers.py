@@ -165,6 +165,16 @@ def _tap_products_bwd(residuals, d_products):
 _tap_products.defvjp(_tap_products_fwd, _tap_products_bwd)
 
 
+def _products_per_tap(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``x @ kernel[kh, kw]`` for all 16 taps as one matmul: ``(..., in)`` -> ``(..., 16 * out)``.
+
+  The last axis is ordered ``(kh, kw, out)``. One wide matmul, for layers with few output
+  channels; the kernel is re-laid out to ``(in, 16 * out)``, which is cheap there.
+  """
+  c_in, c_out = kernel.shape[2:]
+  return jnp.dot(x, kernel.transpose(2, 0, 1, 3).reshape(c_in, 16 * c_out))
+
+
 def up_conv_4x4_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as matmuls, then col2im.
 
@@ -182,7 +192,7 @@ def up_conv_4x4_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   if pixels <= MATMUL_MAX_PIXELS:
     cols = _tap_products(x.reshape(pixels, c_in), kernel.reshape(16, c_in, c_out))
   else:
-    cols = jnp.dot(x, kernel.transpose(2, 0, 1, 3).reshape(c_in, 16 * c_out))
+    cols = _products_per_tap(x, kernel)
   cols = cols.reshape(n, h, w, 16 * c_out)
   out = jax.ShapeDtypeStruct((n, 2 * h, 2 * w, c_out), cols.dtype)
   (y,) = jax.linear_transpose(lambda y: patches_4x4(y, 2), out)(cols)
@@ -328,10 +338,10 @@ def conv_4x4_s1_tap_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
   than 16 features (fwd + both grads of the 31x31x512->1 head at batch 4: 52 ms, 34 ms with
   a matmul kernel gradient, 10 ms this way), and im2col patches would be 16x the input.
   """
-  n, h, w, c_in = x.shape
+  n, h, w, _ = x.shape
   c_out = kernel.shape[-1]
   ho, wo = h - 1, w - 1
-  products = jnp.dot(x, kernel.transpose(2, 0, 1, 3).reshape(c_in, 16 * c_out))
+  products = _products_per_tap(x, kernel)
   products = jnp.pad(products.reshape(n, h, w, 4, 4, c_out),
                      ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
   return sum(products[:, kh:kh + ho, kw:kw + wo, kh, kw] for kh in range(4) for kw in range(4))
