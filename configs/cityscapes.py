@@ -6,13 +6,12 @@ https://www.cityscapes-dataset.com into MANUAL_DIR; the first run builds the TFD
 images are resized to 256x256. Paper: 2975 training images, 200 epochs, batch 1.
 
   python -m p2p_jax.main --config=configs/cityscapes.py --workdir=DIR \
-      --config.dataset.manual_dir=MANUAL_DIR --config.dataset.data_dir=DATA_DIR
+      --config.data.manual_dir=MANUAL_DIR --config.data.data_dir=DATA_DIR
 """
 from configs import default
 
 
 def get_config():
   config = default.get_config()
-  config.dataset.name = 'cityscapes'
-  config.dataset.direction = 'AtoB'  # A: colour label map, B: photo.
+  config.data.name = 'cityscapes'
   return config

@@ -5,7 +5,7 @@ unet_256 G, 70x70 PatchGAN D, batch norm, vanilla GAN, lambda_L1 = 100, Adam 2e-
 Dataset configs import this file and override a few fields.
 
   python -m p2p_jax.main --config=configs/default.py --workdir=DIR \
-      --config.dataset.data_dir=/path/to/facades --config.dataset.direction=BtoA
+      --config.data.data_dir=/path/to/facades --config.data.direction=BtoA
 """
 import ml_collections
 
@@ -14,26 +14,25 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = 'aligned'  # 'aligned' (A|B folders), 'cityscapes' (TFDS), 'demo'.
-  config.dataset.data_dir = ''  # Aligned: DATA_DIR/{train,val,test}/*.jpg. TFDS: data dir.
-  config.dataset.manual_dir = ''  # TFDS Cityscapes: where the downloaded zips are.
-  config.dataset.direction = 'AtoB'  # 'AtoB' or 'BtoA'.
-  config.dataset.train_split = 'train'
-  config.dataset.eval_split = 'val'  # Held-out images shown in TensorBoard while training.
-  config.dataset.skip_bad_images = False  # Skip (and log once) unreadable / malformed files.
-  config.dataset.check_ab_shape = True  # Refuse A|B files whose width is not 2x height.
-  config.input_nc = 3
-  config.output_nc = 3
-
-  # Preprocessing, as the official `--preprocess`, `--load_size`, `--crop_size`, `--no_flip`.
-  config.preprocess = 'resize_and_crop'
-  config.load_size = 286
-  config.crop_size = 256
-  config.flip = True
-  config.batch_size = 1  # Global, across all devices and processes.
-  config.num_workers = 2  # grain worker processes per host (0: in the main process).
-  config.prefetch_buffer_size = 4
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'aligned'  # 'aligned' (A|B folders), 'cityscapes' (TFDS), 'demo'.
+  config.data.data_dir = ''  # Aligned: DATA_DIR/{train,val,test}/*.jpg. TFDS: data dir.
+  config.data.manual_dir = ''  # TFDS Cityscapes: where the downloaded zips are.
+  config.data.direction = 'AtoB'  # 'AtoB' or 'BtoA'.
+  config.data.train_split = 'train'
+  config.data.eval_split = 'val'  # Held-out images shown in TensorBoard while training.
+  config.data.skip_bad_images = False  # Skip (and log once) unreadable / malformed files.
+  config.data.check_ab_shape = True  # Refuse A|B files whose width is not 2x height.
+  config.data.input_nc = 3
+  config.data.output_nc = 3
+  # As the official `--preprocess`, `--load_size`, `--crop_size`, `--no_flip`.
+  config.data.preprocess = 'resize_and_crop'
+  config.data.load_size = 286
+  config.data.crop_size = 256
+  config.data.flip = True
+  config.data.batch_size = 1  # Global, across all devices and processes.
+  config.data.num_workers = 2  # grain worker processes per host (0: in the main process).
+  config.data.prefetch_buffer_size = 4
 
   config.model = ml_collections.ConfigDict()
   config.model.netG = 'unet_256'  # 'unet_256', 'unet_128', 'resnet_9blocks', 'resnet_6blocks'.
@@ -43,22 +42,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.ndf = 64
   config.model.norm = 'batch'  # 'batch', 'instance', 'none'.
   config.model.use_dropout = True
-  config.model.conv_impl = 'fast'  # 'fast' (exact sub-pixel / matmul convs) or 'plain' (lax).
+  # 'auto': the exact CPU forms of p2p_jax/cpu_convs.py on CPU, plain lax convolutions on
+  # GPU/TPU; 'fast' / 'plain' force either.
+  config.model.conv_impl = 'auto'
   config.compute_dtype = 'float32'  # 'bfloat16': bf16 activations, fp32 params/optimizer.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.gan_mode = 'vanilla'  # 'vanilla', 'lsgan', 'hinge'.
   config.loss.lambda_l1 = 100.0
 
+  # Adam, constant LR for n_epochs, then linear decay to 0 over n_epochs_decay.
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 2e-4
   config.optim.beta1 = 0.5
   config.optim.beta2 = 0.999
-
-  # Schedule: constant LR for n_epochs, then linear decay to 0 over n_epochs_decay.
-  config.n_epochs = 100
-  config.n_epochs_decay = 100
-  config.num_train_steps = -1  # > 0 overrides the length (smoke runs).
+  config.optim.n_epochs = 100
+  config.optim.n_epochs_decay = 100
+  config.optim.num_train_steps = -1  # > 0 overrides the length (smoke runs).
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 5000
@@ -78,12 +78,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.translate.input_dir = ''
   config.translate.output_dir = ''
   config.translate.resize = True  # Resize inputs to crop_size (and outputs back).
-
-  config.distributed = ml_collections.ConfigDict()
-  config.distributed.enabled = False  # Also auto-detected on TPU pods and under SLURM.
-  config.distributed.coordinator_address = ''
-  config.distributed.num_processes = -1
-  config.distributed.process_id = -1
-  # A process silent this long counts as dead, and all the others then exit with an error.
-  config.distributed.heartbeat_timeout_seconds = 100
   return config

@@ -13,18 +13,18 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.dataset.name = 'demo'
-  config.dataset.data_dir = ''  # '' -> ~/.cache/p2p_jax/demo, written on first use.
-  config.input_nc = 1  # The A halves are grayscale.
+  config.data.name = 'demo'
+  config.data.data_dir = ''  # '' -> ~/.cache/p2p_jax/demo, written on first use.
+  config.data.input_nc = 1  # The A halves are grayscale.
   config.model.netG = 'unet_64'
   config.model.ngf = 32
   config.model.ndf = 32
-  config.load_size = 72
-  config.crop_size = 64
-  config.batch_size = 2
-  config.num_workers = 0  # 18 small images: worker processes would cost more than they save.
-  config.n_epochs = 60
-  config.n_epochs_decay = 40
+  config.data.load_size = 72
+  config.data.crop_size = 64
+  config.data.batch_size = 2
+  config.data.num_workers = 0  # 18 small images: workers would cost more than they save.
+  config.optim.n_epochs = 60
+  config.optim.n_epochs_decay = 40
   config.log_every_steps = 50
   config.image_every_steps = 250
   config.checkpoint_every_steps = 250

@@ -3,10 +3,10 @@
 Paper: 137k training images, 15 epochs, batch 4, no random jitter or mirroring.
 
   python -m p2p_jax.main --config=configs/edges2handbags.py --workdir=DIR \
-      --config.dataset.data_dir=/path/to/edges2handbags
+      --config.data.data_dir=/path/to/edges2handbags
 """
 from configs import edges2shoes
 
 
 def get_config():
-  return edges2shoes.get_config()  # Same recipe; only --config.dataset.data_dir differs.
+  return edges2shoes.get_config()  # Same recipe; only --config.data.data_dir differs.

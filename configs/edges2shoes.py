@@ -4,19 +4,17 @@ Paper: 50k training images, 15 epochs, batch 4, no random jitter or mirroring (t
 are already 256x256 halves, so load_size == crop_size is a plain resize).
 
   python -m p2p_jax.main --config=configs/edges2shoes.py --workdir=DIR \
-      --config.dataset.data_dir=/path/to/edges2shoes
+      --config.data.data_dir=/path/to/edges2shoes
 """
 from configs import default
 
 
 def get_config():
   config = default.get_config()
-  config.dataset.direction = 'AtoB'
-  config.dataset.eval_split = 'val'
-  config.batch_size = 4
-  config.n_epochs = 15
-  config.n_epochs_decay = 0
-  config.load_size = 256
-  config.crop_size = 256
-  config.flip = False
+  config.data.batch_size = 4
+  config.optim.n_epochs = 15
+  config.optim.n_epochs_decay = 0
+  config.data.load_size = 256
+  config.data.crop_size = 256
+  config.data.flip = False
   return config

@@ -3,12 +3,12 @@
 Paper: 400 training images, 200 epochs, batch 1, jitter and mirroring.
 
   python -m p2p_jax.main --config=configs/facades.py --workdir=DIR \
-      --config.dataset.data_dir=/path/to/facades
+      --config.data.data_dir=/path/to/facades
 """
 from configs import default
 
 
 def get_config():
   config = default.get_config()
-  config.dataset.direction = 'BtoA'  # The files hold photo | labels.
+  config.data.direction = 'BtoA'  # The files hold photo | labels.
   return config

@@ -30,7 +30,7 @@ LOG_DIR=${LOG_DIR:-/tmp/p2p_jax_local_multiprocess}
 PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 mkdir -p "$LOG_DIR"
 
-# Read by p2p_jax/parallel.py (config.distributed.* flags take precedence).
+# Read by p2p_jax/parallel.py (the --coordinator_address, --num_processes, --process_id flags take precedence).
 export P2P_COORDINATOR_ADDRESS=127.0.0.1:$PORT
 export P2P_NUM_PROCESSES=$num_processes
 export JAX_PLATFORMS=cpu

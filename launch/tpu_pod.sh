@@ -5,7 +5,7 @@
 #
 #   TPU_NAME=p2p-v4-32 ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 \
 #   WORKDIR=gs://my-bucket/p2p/cityscapes DATA_DIR=gs://my-bucket/tfds \
-#   launch/tpu_pod.sh --config=configs/cityscapes.py --config.batch_size=64
+#   launch/tpu_pod.sh --config=configs/cityscapes.py --config.data.batch_size=64
 #
 # The workdir and TFDS data live on a bucket, which orbax and tfds read and write directly, so
 # every worker sees the same checkpoints. Aligned A|B folders are read from a gs:// DATA_DIR
@@ -14,7 +14,7 @@
 # Environment:
 #   TPU_NAME, ZONE     the TPU VM (required)
 #   WORKDIR            checkpoints, TensorBoard events, eval results (required; gs://...)
-#   DATA_DIR           --config.dataset.data_dir (optional)
+#   DATA_DIR           --config.data.data_dir (optional)
 #   SYNC_DATA          1: copy a gs:// DATA_DIR to ~/p2p_data on every worker (aligned folders;
 #                      without it they are read from the bucket)
 #   ACCELERATOR_TYPE   slice to create if TPU_NAME does not exist (default v4-32)
@@ -63,13 +63,13 @@ on_all_workers "set -e
   fi"
 
 # 4. The data option: a bucket path as it is, or a local copy on every worker, if asked.
-args=(--workdir="$WORKDIR" --config.distributed.enabled=True)
+args=(--workdir="$WORKDIR" --distributed)
 data_arg=
 if [[ ${SYNC_DATA:-0} == 1 && ${DATA_DIR:-} == gs://* ]]; then
   on_all_workers "mkdir -p ~/p2p_data && gcloud storage rsync --recursive '$DATA_DIR' ~/p2p_data"
-  data_arg='--config.dataset.data_dir=$HOME/p2p_data'  # Expanded on the worker.
+  data_arg='--config.data.data_dir=$HOME/p2p_data'  # Expanded on the worker.
 elif [[ -n ${DATA_DIR:-} ]]; then
-  args+=(--config.dataset.data_dir="$DATA_DIR")
+  args+=(--config.data.data_dir="$DATA_DIR")
 fi
 
 # 5. The same command on every worker.

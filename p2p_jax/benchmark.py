@@ -4,14 +4,15 @@
   python -m p2p_jax.benchmark --what=input --config=configs/cityscapes.py
   python -m p2p_jax.benchmark --what=dot  # The machine's large-matmul GFLOP/s, for scale.
   python -m p2p_jax.benchmark --what=compare --config=configs/default.py \
-      --torch_python=/path/to/torch/venv/bin/python --torch_ref=../shared/bench/torch_ref.py
+      --torch_python=/path/to/torch/venv/bin/python
 
 ``step`` builds the real train state and the jitted, donated step on random data at the
 config's resolution. ``compare`` times that step and the PyTorch reference step in the same
 sitting, alternating rounds, and reports the median of each and their ratio. The PyTorch
 reference runs with each of ``--torch_threads`` (under load, OpenMP's 2-thread barriers can
 make it several times slower than 1 thread) and the fastest setting is the one compared.
-Both processes get the same glibc malloc settings (:mod:`p2p_jax.host_memory`).
+On CPU both processes get the same glibc malloc settings (:mod:`p2p_jax.host_memory`).
+docs/performance.md has the method and the current figures.
 """
 import json
 import os
@@ -28,17 +29,20 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from p2p_jax import host_memory, models, parallel, train
+from p2p_jax import host_memory, layers, models, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WHAT = flags.DEFINE_enum('what', 'step', ['step', 'input', 'dot', 'compare'],
                           'What to benchmark.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Overrides config.batch_size.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Overrides config.data.batch_size.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (per round for compare).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'compare: alternating rounds of ours and torch.')
 _TORCH_PYTHON = flags.DEFINE_string('torch_python', None, 'compare: python with torch.')
-_TORCH_REF = flags.DEFINE_string('torch_ref', None, 'compare: path to torch_ref.py.')
+_TORCH_REF = flags.DEFINE_string(
+    'torch_ref', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              'benchmarks', 'torch_ref.py'),
+    'compare: the PyTorch reference step (default: benchmarks/torch_ref.py of this checkout).')
 _TORCH_THREADS = flags.DEFINE_list('torch_threads', ['0', '1'],
                                    'compare: torch thread counts to try (0: one per CPU '
                                    'core); the fastest is compared.')
@@ -65,11 +69,12 @@ class StepRunner:
     mesh = parallel.create_mesh()
     parallel.check_batch_size(batch_size, mesh, '--batch_size')
     pix2pix = train.create_pix2pix(config, steps_per_epoch=1000)
-    self.state = train.create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed))
-    size = config.crop_size
+    self.state = train.create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed),
+                                          parallel.replicated_sharding(mesh))
+    size = config.data.crop_size
     rng = np.random.default_rng(0)
-    batch = {'A': rng.uniform(-1, 1, (batch_size, size, size, config.input_nc)),
-             'B': rng.uniform(-1, 1, (batch_size, size, size, config.output_nc))}
+    batch = {'A': rng.uniform(-1, 1, (batch_size, size, size, config.data.input_nc)),
+             'B': rng.uniform(-1, 1, (batch_size, size, size, config.data.output_nc))}
     self.batch = jax.device_put(jax.tree.map(lambda x: x.astype(np.float32), batch),
                                 parallel.batch_sharding(mesh))
     step_fn = train.make_train_step(pix2pix, mesh, train.lr_schedule(config, 1000))
@@ -99,8 +104,9 @@ def _step_result(config, runner: StepRunner, batch_size: int, times: list[float]
   median = statistics.median(times)
   return {
       'what': 'step', 'netG': config.model.netG, 'netD': config.model.netD,
-      'conv_impl': config.model.conv_impl, 'compute_dtype': config.compute_dtype,
-      'size': config.crop_size, 'batch_size': batch_size, 'steps': len(times),
+      'conv_impl': layers.resolve_impl(config.model.conv_impl, jax.default_backend()),
+      'compute_dtype': config.compute_dtype,
+      'size': config.data.crop_size, 'batch_size': batch_size, 'steps': len(times),
       'median_s_per_step': round(median, 4), 'images_per_sec': round(batch_size / median, 3),
       'compile_s': round(runner.compile_s, 2), 'step_gflops': round(runner.flops / 1e9, 2),
       'achieved_gflops_per_sec': round(runner.flops / 1e9 / median, 1),
@@ -145,10 +151,10 @@ def benchmark_dot(n: int = 4096, steps: int = 10) -> dict:
 def _torch_step(config, batch_size: int, steps: int, threads: int) -> dict:
   """Runs the PyTorch reference in a subprocess; returns its JSON line."""
   num_downs = models.UNET_NAMES[config.model.netG]
-  cmd = [_TORCH_PYTHON.value, _TORCH_REF.value, '--size', str(config.crop_size),
+  cmd = [_TORCH_PYTHON.value, _TORCH_REF.value, '--size', str(config.data.crop_size),
          '--batch', str(batch_size), '--steps', str(steps), '--threads', str(threads),
          '--num-downs', str(num_downs), '--ngf', str(config.model.ngf)]
-  env = {**os.environ, **host_memory.malloc_env()}
+  env = {**os.environ, **(host_memory.malloc_env() if jax.default_backend() == 'cpu' else {})}
   out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
   return json.loads(out.strip().splitlines()[-1])
 
@@ -163,8 +169,10 @@ def compare_with_torch(config, batch_size: int, steps: int, rounds: int) -> dict
     Our step result plus the PyTorch median per thread setting, the best of them, and
     ``ratio_ours_over_torch`` against that best.
   """
-  if not (_TORCH_PYTHON.value and _TORCH_REF.value):
-    raise app.UsageError('--what=compare needs --torch_python and --torch_ref.')
+  if not _TORCH_PYTHON.value:
+    raise app.UsageError('--what=compare needs --torch_python (a python with torch).')
+  if not os.path.isfile(_TORCH_REF.value):
+    raise app.UsageError(f'--torch_ref={_TORCH_REF.value} is not a file.')
   thread_counts = [int(t) or os.cpu_count() for t in _TORCH_THREADS.value]
   runner = StepRunner(config, batch_size)
   runner.run(_WARMUP.value)
@@ -198,7 +206,8 @@ def compare_with_torch(config, batch_size: int, steps: int, rounds: int) -> dict
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  host_memory.keep_freed_memory_mapped()  # Before JAX creates its CPU client.
+  if host_memory.jax_runs_on_cpu():  # Before JAX creates its CPU client.
+    host_memory.keep_freed_memory_mapped()
   what = _WHAT.value
   if what == 'dot':
     print(json.dumps(benchmark_dot()), flush=True)
@@ -206,7 +215,7 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError(f'--what={what} needs --config.')
-  batch_size = _BATCH_SIZE.value or config.batch_size
+  batch_size = _BATCH_SIZE.value or config.data.batch_size
   if what == 'input':
     from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     for line in input_pipeline.benchmark(config):

@@ -1,21 +1,21 @@
-"""Orbax checkpoints: what is saved, restore for resume and restore of the generator alone.
+"""Orbax checkpoints: save, restore-or-initialise (with the data position), the generator alone.
 
 A checkpoint (``WORKDIR/checkpoints/<step>/``) holds separate items, so evaluation reads the
 generator without touching the rest:
 
-* ``generator`` / ``discriminator``: ``{'params', 'batch_stats'}``;
-* ``optimizer``: ``{'generator': adam state, 'discriminator': adam state}``;
-* ``state``: ``{'step', 'rng'}``;
-* ``data_iterator``: the grain iterator state (one file per process);
+* ``generator``: G's ``{'params', 'batch_stats'}``;
+* ``train_state``: the rest of the train state (step, RNG key, G's optimizer state, D), as
+  the state's own pytree;
+* ``data_iterator``: the grain iterator state, one file per process;
 * ``config``: the config the run was started with, as JSON.
 
-A checkpoint converted from PyTorch may hold only ``generator`` and ``config``: it restores for
-evaluation but not for resuming training. Restores always pass a target tree with this run's
-shardings, so a checkpoint saved on N devices restores on M.
+A checkpoint converted from PyTorch without a discriminator holds only ``generator`` and
+``config``: it serves evaluation and translation. Restores always pass a target tree with this
+run's shardings, so a checkpoint saved on N devices restores on M.
 """
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grain
 from etils import epath
@@ -23,8 +23,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import serialization
 
-TRAIN_ITEMS = ('generator', 'discriminator', 'optimizer', 'state')
+GENERATOR_VARIABLES = ('params', 'batch_stats')
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -39,6 +40,13 @@ def create_manager(workdir: str, max_to_keep: Optional[int] = None) -> ocp.Check
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def _split_state(state) -> tuple[dict, dict]:
+  """A train state's pytree as (G's variables, everything else), as nested dicts."""
+  tree = serialization.to_state_dict(state)
+  generator = {name: tree['generator'].pop(name) for name in GENERATOR_VARIABLES}
+  return generator, tree
 
 
 class _FrozenIteratorState:
@@ -73,41 +81,29 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
     manager: from ``create_manager``.
     state: a ``train.TrainState``.
     config: the run's config (stored as JSON).
-    data_iterator: the grain train iterator, or None.
+    data_iterator: the grain train iterator, or None (no data position: a run restored from
+      it reads its data from the start).
     force: save even if the manager's policy would not.
 
   Returns:
     Whether a save was started.
   """
-  items = dict(
-      generator=ocp.args.StandardSave(state.generator.variables),
-      discriminator=ocp.args.StandardSave(state.discriminator.variables),
-      optimizer=ocp.args.StandardSave({'generator': state.generator.opt_state,
-                                       'discriminator': state.discriminator.opt_state}),
-      state=ocp.args.StandardSave({'step': state.step, 'rng': state.rng}),
-      config=ocp.args.JsonSave(config.to_dict()),
-  )
+  generator, rest = _split_state(state)
+  items = dict(generator=ocp.args.StandardSave(generator),
+               train_state=ocp.args.StandardSave(rest),
+               config=ocp.args.JsonSave(config.to_dict()))
   if data_iterator is not None:
     items['data_iterator'] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_iterator))
   return manager.save(int(state.step), args=ocp.args.Composite(**items), force=force)
 
 
-def save_variables(workdir: str, step: int, config: ml_collections.ConfigDict,
-                   generator: dict, discriminator: Optional[dict] = None,
-                   train_state: Any = None) -> None:
-  """Writes a checkpoint from variables (e.g. converted weights) and waits for it.
-
-  With ``train_state`` (a full ``train.TrainState``) the checkpoint also resumes training.
-  """
+def save_generator(workdir: str, step: int, config: ml_collections.ConfigDict,
+                   variables: dict) -> None:
+  """Writes a checkpoint holding G's variables alone (e.g. converted weights) and waits."""
   manager = create_manager(workdir)
-  if train_state is not None:
-    save(manager, train_state, config, force=True)
-  else:
-    items = dict(generator=ocp.args.StandardSave(generator),
-                 config=ocp.args.JsonSave(config.to_dict()))
-    if discriminator is not None:
-      items['discriminator'] = ocp.args.StandardSave(discriminator)
-    manager.save(step, args=ocp.args.Composite(**items), force=True)
+  manager.save(step, args=ocp.args.Composite(generator=ocp.args.StandardSave(variables),
+                                             config=ocp.args.JsonSave(config.to_dict())),
+               force=True)
   manager.wait_until_finished()
   manager.close()
 
@@ -117,54 +113,72 @@ def _abstract(tree, sharding):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def saved_items(manager: ocp.CheckpointManager, step: int) -> set:
+def _saved_items(manager: ocp.CheckpointManager, step: int) -> set:
   return {path.name for path in (manager.directory / str(step)).iterdir()
           if not path.name.startswith('_')}
 
 
-def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state,
-                        sharding, data_iterator=None):
-  """Restores a ``train.TrainState`` (and the iterator, in place) from checkpoint ``step``.
+def _own_iterator_state_saved(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether checkpoint ``step`` holds this process's iterator state, for this process count.
+
+  grain saves one state per process, as ``process_<index>-of-<count>.json``.
+  """
+  name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  return (manager.directory / str(step) / 'data_iterator' / name).exists()
+
+
+def restore_or_initialize(manager: ocp.CheckpointManager, init_state: Callable[[], Any],
+                          sharding, create_iterator: Callable[[int], Any]) -> tuple[Any, Any]:
+  """The train state and the data stream of the latest checkpoint, or fresh ones.
+
+  Where the data stream starts:
+
+  * no checkpoint: a fresh state, data from global batch 0;
+  * saved by the same number of processes: the restored iterator, exactly where it was;
+  * saved by another number: from the checkpoint's step (the global batches do not depend
+    on the process count, unless files were skipped);
+  * no data position (e.g. a converted checkpoint): from global batch 0.
 
   Args:
     manager: the run's manager.
-    step: the checkpoint step.
-    abstract_state: a TrainState of arrays or ShapeDtypeStructs giving structure and dtypes.
-    sharding: where to place the restored arrays (replicated over this run's mesh).
-    data_iterator: the grain train iterator to restore, or None.
+    init_state: ``() -> TrainState`` placed with ``sharding``; only called without a
+      checkpoint, and traced (not run) for the restore target otherwise.
+    sharding: where restored arrays go (replicated over this run's mesh).
+    create_iterator: ``start_step -> grain iterator``.
 
   Returns:
-    The restored TrainState.
+    ``(state, data_iterator)``.
   """
+  step = manager.latest_step()
+  if step is None:
+    return init_state(), create_iterator(0)
   path = manager.directory / str(step)
-  missing = [name for name in TRAIN_ITEMS if name not in saved_items(manager, step)]
-  if missing:
-    raise ValueError(f'Checkpoint {path} has no {missing} item(s), so training cannot resume '
-                     'from it (a checkpoint converted from PyTorch weights without '
-                     '--torch_discriminator only serves evaluation). Use another --workdir.')
-  g, d = abstract_state.generator, abstract_state.discriminator
-  items = dict(
-      generator=ocp.args.StandardRestore(_abstract(g.variables, sharding)),
-      discriminator=ocp.args.StandardRestore(_abstract(d.variables, sharding)),
-      optimizer=ocp.args.StandardRestore(_abstract(
-          {'generator': g.opt_state, 'discriminator': d.opt_state}, sharding)),
-      state=ocp.args.StandardRestore(_abstract(
-          {'step': abstract_state.step, 'rng': abstract_state.rng}, sharding)),
-  )
-  if data_iterator is not None:
-    if 'data_iterator' not in saved_items(manager, step):
-      raise ValueError(f'Checkpoint {path} has no data_iterator item to resume the input '
-                       'pipeline from.')
-    items['data_iterator'] = grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iterator))
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  gen, disc, opt = restored['generator'], restored['discriminator'], restored['optimizer']
-  logging.info('Restored train state from %s', path)
-  return abstract_state.replace(
-      step=restored['state']['step'], rng=restored['state']['rng'],
-      generator=g.replace(params=gen['params'], batch_stats=gen['batch_stats'],
-                          opt_state=opt['generator']),
-      discriminator=d.replace(params=disc['params'], batch_stats=disc['batch_stats'],
-                              opt_state=opt['discriminator']))
+  items = _saved_items(manager, step)
+  if 'train_state' not in items:
+    raise ValueError(f'Checkpoint {path} holds no train state (items: {sorted(items)}), so '
+                     'training cannot resume from it. A checkpoint converted from PyTorch '
+                     'without --torch_discriminator only serves --mode=eval and translate.')
+  abstract_state = jax.eval_shape(init_state)
+  abstract_generator, abstract_rest = _split_state(abstract_state)
+  restore = dict(generator=ocp.args.StandardRestore(_abstract(abstract_generator, sharding)),
+                 train_state=ocp.args.StandardRestore(_abstract(abstract_rest, sharding)))
+  if 'data_iterator' not in items:
+    logging.info('Checkpoint %s has no data position: the input pipeline starts at the '
+                 'beginning.', path)
+    data_iterator = create_iterator(0)
+  elif _own_iterator_state_saved(manager, step):
+    data_iterator = create_iterator(0)
+    restore['data_iterator'] = grain.checkpoint.CheckpointRestore(
+        _IteratorRestorer(data_iterator))
+  else:
+    logging.warning('Checkpoint %s was saved by another number of processes: the input '
+                    'pipeline resumes at global batch %d.', path, step)
+    data_iterator = create_iterator(step)
+  restored = manager.restore(step, args=ocp.args.Composite(**restore))
+  tree = restored['train_state']
+  tree['generator'].update(restored['generator'])
+  logging.info('Restored the train state from %s', path)
+  return serialization.from_state_dict(abstract_state, tree), data_iterator
 
 
 def restore_generator(workdir: str, abstract_variables: dict, sharding,
@@ -203,12 +217,3 @@ def restore_generator(workdir: str, abstract_variables: dict, sharding,
   finally:
     manager.close()
   return restored['generator'], step
-
-
-def restore_config(workdir: str, step: int) -> dict:
-  """The config stored with checkpoint ``step`` (as a dict)."""
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir))
-  try:
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-  finally:
-    manager.close()

@@ -218,58 +218,30 @@ def convert_network(state_dict: dict, config: ml_collections.ConfigDict, net: st
 
   Args:
     state_dict: from ``pth.read_state_dict`` of a ``latest_net_G.pth`` / ``latest_net_D.pth``.
-    config: the run config (``model.*``, ``input_nc``, ``output_nc``, ``crop_size``).
+    config: the run config (``model.*``, ``data.input_nc``, ``output_nc``, ``crop_size``).
     net: ``'generator'`` or ``'discriminator'``.
     source: the file name, for error messages.
 
   Returns:
     ``{'params', 'batch_stats'}``, as ``models.init_variables`` structures them.
   """
-  m, size = config.model, config.crop_size
+  m, size = config.model, config.data.crop_size
   if net == 'generator':
-    module = models.create_generator(m, config.output_nc)
-    shape = (1, size, size, config.input_nc)
+    module = models.create_generator(m, config.data.output_nc)
+    shape = (1, size, size, config.data.input_nc)
     hint = (f'Check that config.model (netG={m.netG!r}, ngf={m.ngf}, norm={m.norm!r}, '
-            f'use_dropout={m.use_dropout}) and input_nc/output_nc ({config.input_nc}/'
-            f'{config.output_nc}) match the PyTorch options (--netG, --ngf, --norm, '
+            f'use_dropout={m.use_dropout}) and input_nc/output_nc ({config.data.input_nc}/'
+            f'{config.data.output_nc}) match the PyTorch options (--netG, --ngf, --norm, '
             '--no_dropout, --input_nc, --output_nc).')
   elif net == 'discriminator':
     module = models.create_discriminator(m)
-    shape = (1, size, size, config.input_nc + config.output_nc)
+    shape = (1, size, size, config.data.input_nc + config.data.output_nc)
     hint = (f'Check that config.model (netD={m.netD!r}, n_layers_D={m.n_layers_D}, '
             f'ndf={m.ndf}, norm={m.norm!r}) matches the PyTorch options (--netD, --n_layers_D, '
             '--ndf, --norm).')
   else:
     raise ValueError(f"net must be 'generator' or 'discriminator', got {net!r}")
   return convert_variables(state_dict, module, shape, source or net, hint)
-
-
-def _fresh_train_state(config: ml_collections.ConfigDict, g_vars: dict,
-                       d_vars: dict) -> train.TrainState:
-  """A step-0 train state holding the converted weights and fresh Adam moments.
-
-  Built directly rather than by ``train.create_train_state`` and swapping the weights in:
-  that would compile both networks' initialisation only to discard it (a minute of XLA CPU
-  compile on a small machine). The tree is checked against ``create_train_state``'s, so the
-  trainer restores it like its own checkpoints.
-  """
-  pix2pix = train.create_pix2pix(config, steps_per_epoch=1)  # The LR schedule is not stored.
-  rng = jax.random.PRNGKey(config.seed)
-
-  def net_state(variables):
-    variables = jax.tree.map(jnp.asarray, variables)
-    return train.NetState(params=variables['params'], batch_stats=variables['batch_stats'],
-                          opt_state=pix2pix.optimizer.init(variables['params']))
-
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), rng=rng,
-                           generator=net_state(g_vars), discriminator=net_state(d_vars))
-  expected = jax.eval_shape(lambda: train.create_train_state(pix2pix, config, rng))
-  leaves = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
-  if (jax.tree.structure(state) != jax.tree.structure(expected)
-      or leaves(state) != leaves(expected)):
-    raise ConversionError('The converted train state does not match the one training builds; '
-                          'p2p_jax.train and p2p_jax.convert disagree.')
-  return state
 
 
 def convert_checkpoint(config: ml_collections.ConfigDict, workdir: str, torch_generator: str,
@@ -295,16 +267,21 @@ def convert_checkpoint(config: ml_collections.ConfigDict, workdir: str, torch_ge
                            torch_generator)
   logging.info('Converted %s: %d generator parameters.', torch_generator,
                models.count_params(g_vars['params']))
+  g_vars = jax.tree.map(jnp.asarray, g_vars)
   if torch_discriminator is None:
-    checkpointing.save_variables(workdir, 0, config, generator=jax.tree.map(jnp.asarray, g_vars))
+    checkpointing.save_generator(workdir, 0, config, g_vars)
   else:
     d_vars = convert_network(pth.read_state_dict(torch_discriminator), config, 'discriminator',
                              torch_discriminator)
     logging.info('Converted %s: %d discriminator parameters.', torch_discriminator,
                  models.count_params(d_vars['params']))
-    state = _fresh_train_state(config, g_vars, d_vars)
-    checkpointing.save_variables(workdir, 0, config, generator=state.generator.variables,
-                                 train_state=state)
+    pix2pix = train.create_pix2pix(config, steps_per_epoch=1)  # The LR schedule is not stored.
+    state = train.state_from_variables(pix2pix, g_vars, jax.tree.map(jnp.asarray, d_vars),
+                                       jax.random.PRNGKey(config.seed))
+    manager = checkpointing.create_manager(workdir)
+    checkpointing.save(manager, state, config, force=True)
+    manager.wait_until_finished()
+    manager.close()
   logging.info('Wrote checkpoint 0 to %s.', directory)
 
 

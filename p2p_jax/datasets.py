@@ -6,7 +6,7 @@ applied ('A' is always the generator input, with ``input_nc`` channels; 'B' the 
 with ``output_nc``). Decoding uses PIL, in grain's worker processes. Every malformed input
 raises ``BadImageError`` naming the file and what is wrong with it.
 
-The demo dataset is written once, in the aligned format, to ``config.dataset.data_dir`` or,
+The demo dataset is written once, in the aligned format, to ``config.data.data_dir`` or,
 when that is empty, to ``$XDG_CACHE_HOME/p2p_jax/demo`` (default ``~/.cache/p2p_jax/demo``).
 """
 import dataclasses
@@ -46,32 +46,32 @@ class Source:
 
 
 def get_source(config: ml_collections.ConfigDict, split: str) -> Source:
-  """The source of ``split`` for ``config.dataset.name``.
+  """The source of ``split`` for ``config.data.name``.
 
   Args:
-    config: the experiment config; reads ``dataset.*``, ``input_nc`` and ``output_nc``.
+    config: the experiment config; reads ``config.data``.
     split: 'train', 'val' or 'test'.
 
   Returns:
     The split's ``Source``.
   """
-  name = config.dataset.name
-  convert = dict(direction=config.dataset.direction, input_nc=config.input_nc,
-                 output_nc=config.output_nc)
+  name = config.data.name
+  convert = dict(direction=config.data.direction, input_nc=config.data.input_nc,
+                 output_nc=config.data.output_nc)
   if name in ('aligned', 'demo'):
-    data_dir = config.dataset.data_dir
+    data_dir = config.data.data_dir
     if name == 'demo':
       data_dir = prepare_demo(data_dir)
     # An optional field: False splits A|B images of any shape at width // 2, as the official
     # loader does, instead of requiring width == 2 * height.
-    check_shape = config.dataset.get('check_ab_shape', True)
+    check_shape = config.data.get('check_ab_shape', True)
     return Source(records=list_aligned_images(data_dir, split),
                   decode=functools.partial(decode_aligned, check_shape=check_shape, **convert))
   if name == 'cityscapes':
-    return Source(records=cityscapes_records(config.dataset.data_dir,
-                                             config.dataset.manual_dir, split),
+    return Source(records=cityscapes_records(config.data.data_dir,
+                                             config.data.manual_dir, split),
                   decode=functools.partial(decode_cityscapes, **convert))
-  raise ValueError(f"config.dataset.name must be 'aligned', 'cityscapes' or 'demo', "
+  raise ValueError(f"config.data.name must be 'aligned', 'cityscapes' or 'demo', "
                    f'got {name!r}')
 
 
@@ -154,12 +154,12 @@ def list_aligned_images(data_dir: str, split: str) -> list[str]:
     The image paths (non-recursive), sorted.
   """
   if not data_dir:
-    raise ValueError('config.dataset.data_dir is not set: point it at a folder holding '
+    raise ValueError('config.data.data_dir is not set: point it at a folder holding '
                      'train/, val/ and test/ folders of A|B images (e.g. facades).')
   # epath: data_dir may also be a bucket URI (gs://...), as on TPU pods.
   root = epath.Path(data_dir)
   if not root.is_dir():
-    raise FileNotFoundError(f'config.dataset.data_dir={data_dir!r} does not exist or is not '
+    raise FileNotFoundError(f'config.data.data_dir={data_dir!r} does not exist or is not '
                             'a folder.')
   split_dir = root / split
   if not split_dir.is_dir():
@@ -193,7 +193,7 @@ def decode_aligned(path: str, *, direction: str, input_nc: int, output_nc: int,
   if check_shape and (w % 2 or w != 2 * h):
     raise BadImageError(f'{path}: an A|B image must be twice as wide as high (two square '
                         f'halves side by side), got {w}x{h} (width x height). Set '
-                        'config.dataset.check_ab_shape=False to split it at width // 2.')
+                        'config.data.check_ab_shape=False to split it at width // 2.')
   if w < 2:
     raise BadImageError(f'{path}: {w}x{h} is too small to hold two halves')
   half = w // 2
@@ -257,7 +257,7 @@ def _build_cityscapes(builder, manual_dir: str) -> None:
     raise FileNotFoundError(
         f'TFDS Cityscapes is not built in {builder.data_dir_root} and building it needs the '
         f'manual downloads {" and ".join(CITYSCAPES_ZIPS)} in {manual_dir} '
-        f'(config.dataset.manual_dir); missing: {", ".join(missing)}. Download them from '
+        f'(config.data.manual_dir); missing: {", ".join(missing)}. Download them from '
         'https://www.cityscapes-dataset.com/downloads/ (free registration).')
   import tensorflow as tf
   import tensorflow_datasets as tfds
@@ -349,7 +349,7 @@ def prepare_demo(data_dir: str = '') -> str:
     return data_dir
   if os.path.isdir(data_dir) and os.listdir(data_dir):
     raise FileExistsError(f'{data_dir} is not empty and holds no demo dataset (no '
-                          f'{_DEMO_MARKER}); use another config.dataset.data_dir for the demo.')
+                          f'{_DEMO_MARKER}); use another config.data.data_dir for the demo.')
   parent = os.path.dirname(data_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.demo-', dir=parent)

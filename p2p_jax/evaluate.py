@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from p2p_jax import checkpointing, datasets, metrics, models, parallel, train
+from p2p_jax import checkpointing, datasets, images, metrics, models, parallel
 
 def restore_generator(config: ml_collections.ConfigDict, workdir: str, mesh):
   """Builds the generator and restores its ``{'params', 'batch_stats'}``, replicated on ``mesh``.
@@ -41,8 +41,10 @@ def restore_generator(config: ml_collections.ConfigDict, workdir: str, mesh):
   Returns:
     (generator module, variables, checkpoint step).
   """
-  generator = models.create_generator(config.model, config.output_nc, train.compute_dtype(config))
-  shape = (1, config.crop_size, config.crop_size, config.input_nc)
+  data = config.data
+  generator = models.create_generator(config.model, data.output_nc,
+                                      models.compute_dtype(config.compute_dtype))
+  shape = (1, data.crop_size, data.crop_size, data.input_nc)
   abstract = jax.eval_shape(
       lambda: models.init_variables(generator, jax.random.PRNGKey(0), shape))
   step = None if config.eval.step < 0 else config.eval.step
@@ -50,11 +52,6 @@ def restore_generator(config: ml_collections.ConfigDict, workdir: str, mesh):
       workdir, abstract, parallel.replicated_sharding(mesh), step)
   logging.info('Restored the generator from step %d of %s', step, workdir)
   return generator, variables, step
-
-
-def _check_mode(mode: str) -> None:
-  if mode not in ('paper', 'eval'):
-    raise ValueError(f"config.eval.mode must be 'paper' or 'eval', got {mode!r}")
 
 
 def make_generate_fn(generator, mode: str, seed: int, mesh):
@@ -71,7 +68,7 @@ def make_generate_fn(generator, mode: str, seed: int, mesh):
     rows ``(sample, example index)`` that pick each example's dropout key. The result is
     ``(N, H, W, output_nc)`` float32 in [-1, 1].
   """
-  _check_mode(mode)
+  models.check_eval_mode(mode)
 
   def one(variables, image, ids):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), ids[0]), ids[1])
@@ -83,21 +80,16 @@ def make_generate_fn(generator, mode: str, seed: int, mesh):
   return jax.jit(fn, out_shardings=parallel.replicated_sharding(mesh))
 
 
-def _put(x: np.ndarray, sharding) -> jax.Array:
-  # Every process holds the whole batch, so each device takes its slice from it.
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def run_batch(generate_fn, variables, images: np.ndarray, sample: int, indices, batch_size: int,
+def run_batch(generate_fn, variables, inputs: np.ndarray, sample: int, indices, batch_size: int,
               mesh) -> np.ndarray:
-  """Generates ``images`` (at most ``batch_size``), padding to ``batch_size`` for sharding.
+  """Generates ``inputs`` (at most ``batch_size``), padding to ``batch_size`` for sharding.
 
   Padding cannot change the other results: each example is its own batch of one.
 
   Args:
     generate_fn: from ``make_generate_fn``.
     variables: the generator variables.
-    images: ``(n, H, W, input_nc)`` float32 in [-1, 1], ``n <= batch_size``.
+    inputs: ``(n, H, W, input_nc)`` float32 in [-1, 1], ``n <= batch_size``.
     sample: the sample number (for the dropout keys).
     indices: the ``n`` example indices (for the dropout keys).
     batch_size: the padded batch size, a multiple of the device count.
@@ -106,12 +98,12 @@ def run_batch(generate_fn, variables, images: np.ndarray, sample: int, indices, 
   Returns:
     ``(n, H, W, output_nc)`` float32 numpy in [-1, 1].
   """
-  n = len(images)
+  n = len(inputs)
   pad = batch_size - n
-  images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+  inputs = np.concatenate([inputs, np.repeat(inputs[-1:], pad, axis=0)])
   ids = np.array([(sample, i) for i in list(indices) + [indices[-1]] * pad], np.int32)
-  sharding = parallel.batch_sharding(mesh)
-  out = generate_fn(variables, _put(images, sharding), _put(ids, sharding))
+  # Every process holds the whole batch, so each device takes its slice from it.
+  out = generate_fn(variables, *parallel.shard_replicated_batch((inputs, ids), mesh))
   return np.asarray(out)[:n]
 
 
@@ -120,15 +112,6 @@ def _save_png(image: Image.Image, path: str) -> None:
   buffer = io.BytesIO()
   image.save(buffer, format='PNG')
   epath.Path(path).write_bytes(buffer.getvalue())
-
-
-def _pil(image_u8: np.ndarray) -> Image.Image:
-  return Image.fromarray(image_u8[..., 0] if image_u8.shape[-1] == 1 else image_u8)
-
-
-def _rgb(image_u8: np.ndarray) -> np.ndarray:
-  """Grey to RGB so that inputs and outputs of different channel counts sit in one row."""
-  return np.repeat(image_u8, 3, axis=-1) if image_u8.shape[-1] == 1 else image_u8
 
 
 def _add_unique(seen: set, name: str, what: str) -> None:
@@ -193,13 +176,13 @@ def _generate_split(dataset, generate_fn, variables, num_samples: int, batch_siz
 
 def _write_example(image_dir: str, name: str, real_a, fakes, real_b) -> np.ndarray:
   """Writes an example's PNGs; returns its real_A | fake_B | real_B row (RGB uint8)."""
-  a_u8, b_u8 = metrics.to_uint8(real_a), metrics.to_uint8(real_b)
-  fakes_u8 = [metrics.to_uint8(fake) for fake in fakes]
-  _save_png(_pil(a_u8), os.path.join(image_dir, f'{name}_real_A.png'))
-  _save_png(_pil(b_u8), os.path.join(image_dir, f'{name}_real_B.png'))
+  a_u8, b_u8 = images.to_uint8(real_a), images.to_uint8(real_b)
+  fakes_u8 = [images.to_uint8(fake) for fake in fakes]
+  _save_png(images.to_pil(a_u8), os.path.join(image_dir, f'{name}_real_A.png'))
+  _save_png(images.to_pil(b_u8), os.path.join(image_dir, f'{name}_real_B.png'))
   for file_name, fake_u8 in zip(fake_names(name, len(fakes)), fakes_u8):
-    _save_png(_pil(fake_u8), os.path.join(image_dir, file_name))
-  return np.concatenate([_rgb(a_u8), _rgb(fakes_u8[0]), _rgb(b_u8)], axis=1)
+    _save_png(images.to_pil(fake_u8), os.path.join(image_dir, file_name))
+  return images.grid([[a_u8, fakes_u8[0], b_u8]])
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -211,7 +194,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ``workdir/eval`` at the checkpoint step. Metrics are averaged over all examples and samples.
 
   Args:
-    config: the run config (``config.eval.*``, ``config.dataset.*``, model fields).
+    config: the run config (``config.eval.*``, ``config.data.*``, model fields).
     workdir: the run's workdir.
 
   Returns:
@@ -219,7 +202,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   from p2p_jax import input_pipeline  # Imports grain/tfds; only the eval mode needs it.
   mode, num_samples = config.eval.mode, config.eval.num_samples
-  _check_mode(mode)
+  models.check_eval_mode(mode)
   if num_samples < 1 or (num_samples > 1 and mode != 'paper'):
     raise ValueError(f'config.eval.num_samples={num_samples} must be 1, or more with '
                      f"config.eval.mode='paper' (mode {mode!r} is deterministic).")
@@ -274,21 +257,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def required_multiple(netG: str) -> int:
-  """The factor that input height and width must be multiples of for generator ``netG``."""
-  if netG in models.UNET_NAMES:
-    return 2 ** models.UNET_NAMES[netG]
-  return 4  # The ResNet generators: two stride-2 downsamplings.
-
-
 def _read_image(data: bytes, path: str, channels: int, size: Optional[int]) -> np.ndarray:
   """An image file's bytes as ``(H, W, channels)`` float32 in [-1, 1], resized to ``size`` if
   given; ``path`` names the file in errors."""
   image = datasets.to_channels(datasets.to_8bit(datasets.open_image(data, path), path), channels)
   if size is not None:
     image = image.resize((size, size), Image.BICUBIC)
-  array = np.asarray(image, np.float32).reshape(image.height, image.width, channels)
-  return array / 127.5 - 1.0
+  array = np.asarray(image).reshape(image.height, image.width, channels)
+  return images.to_float(array)
 
 
 def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
@@ -296,7 +272,7 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
 
   With ``config.translate.resize`` inputs are resized (bicubic) to ``crop_size`` and outputs
   back to the input size; otherwise the generator runs fully convolutionally at the input size,
-  which must be a multiple of ``required_multiple(config.model.netG)``. Same-size inputs are
+  which must be a multiple of ``models.required_multiple(config.model.netG)``. Same-size inputs are
   batched by the device count. ``config.eval.mode`` applies as in ``evaluate`` (sample 0, keys
   from the file's position in the sorted folder). Subdirectories and dot-files are skipped.
 
@@ -319,9 +295,9 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
   seen = set()
   for stem in stems:
     _add_unique(seen, stem, f'files of {input_dir} (without extension)')
-  _check_mode(config.eval.mode)
-  if config.input_nc not in (1, 3):
-    raise ValueError(f'config.input_nc must be 1 or 3 to read image files, got {config.input_nc}')
+  models.check_eval_mode(config.eval.mode)
+  if config.data.input_nc not in (1, 3):
+    raise ValueError(f'config.data.input_nc must be 1 or 3 to read image files, got {config.data.input_nc}')
   # Decode every file before computing anything, so a bad file fails fast (BadImageError, a
   # ValueError naming the file). Each file is read once (from a bucket: one fetch) and its
   # bytes decoded again when its batch runs, so only encoded images are held in memory.
@@ -329,14 +305,14 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
   sizes = [datasets.open_image(data, p).size  # PIL sizes are (width, height).
            for data, p in zip(encoded, paths)]
   resize = config.translate.resize
-  multiple = required_multiple(config.model.netG)
+  multiple = models.required_multiple(config.model.netG)
   if not resize:
     for path, (w, h) in zip(paths, sizes):
       if h % multiple or w % multiple:
         raise ValueError(
             f'{path} is {w}x{h}, but {config.model.netG} runs on heights and widths that are '
             f'multiples of {multiple}. Set --config.translate.resize=True to resize inputs '
-            f'to crop_size ({config.crop_size}) and back.')
+            f'to crop_size ({config.data.crop_size}) and back.')
 
   mesh = parallel.create_mesh()
   generator, variables, _ = restore_generator(config, workdir, mesh)
@@ -344,7 +320,7 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
   batch_size = mesh.devices.size
   groups = {}  # Model input size -> indices of the files, so a batch has one shape.
   for i, (w, h) in enumerate(sizes):
-    groups.setdefault((config.crop_size,) * 2 if resize else (h, w), []).append(i)
+    groups.setdefault((config.data.crop_size,) * 2 if resize else (h, w), []).append(i)
   is_writer = jax.process_index() == 0
   if is_writer:
     epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -352,11 +328,11 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
   for indices in groups.values():
     for start in range(0, len(indices), batch_size):
       batch = indices[start:start + batch_size]
-      images = np.stack([_read_image(encoded[i], paths[i], config.input_nc,
-                                     config.crop_size if resize else None) for i in batch])
-      fakes = run_batch(generate_fn, variables, images, 0, batch, batch_size, mesh)
+      inputs = np.stack([_read_image(encoded[i], paths[i], config.data.input_nc,
+                                     config.data.crop_size if resize else None) for i in batch])
+      fakes = run_batch(generate_fn, variables, inputs, 0, batch, batch_size, mesh)
       for i, fake in zip(batch, fakes):
-        image = _pil(metrics.to_uint8(fake))
+        image = images.to_pil(images.to_uint8(fake))
         if resize and image.size != sizes[i]:
           image = image.resize(sizes[i], Image.BICUBIC)
         if is_writer:

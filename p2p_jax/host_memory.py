@@ -1,21 +1,38 @@
 """glibc malloc settings that keep XLA:CPU's per-step buffers mapped from one step to the next.
 
-XLA:CPU allocates each execution's temporary buffer (about 560 MB for a 256x256 pix2pix step
-at batch 1) with ``posix_memalign`` from a worker thread. glibc serves a block that large
-from a fresh ``mmap`` and unmaps it when it is freed, so every step page-faults the whole
-buffer in again: about 144k page faults and 0.3 s of kernel time per step on a 2-core CPU.
+XLA:CPU allocates each execution's temporary buffer (hundreds of MB for a 256x256 step) with
+``posix_memalign`` from a worker thread. glibc serves a block that large from a fresh ``mmap``
+and unmaps it when it is freed, so every step would page-fault the whole buffer in again.
 With one arena, no ``mmap`` for large blocks and no trimming, the next step reuses the same
-pages. Accelerator memory is not affected; the host-side cost is that freed memory stays
-with the process.
+pages; freed host memory stays with the process. Applied on CPU runs only
+(:func:`jax_runs_on_cpu`); docs/performance.md has the measurements.
 """
 import ctypes
 import ctypes.util
+import importlib.metadata
+import importlib.util
+import os
 import sys
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+
+
+def jax_runs_on_cpu() -> bool:
+  """Whether JAX's default backend will be the CPU, decided before JAX starts.
+
+  ``JAX_PLATFORMS`` decides where it is set; otherwise any installed accelerator plugin (a
+  ``jax_plugins`` entry point, as the CUDA and ROCm plugins register, or ``libtpu``) means
+  JAX may pick an accelerator, and the CPU-only settings are left alone.
+  """
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  if platforms:
+    return platforms.split(',')[0].strip().lower() == 'cpu'
+  if importlib.metadata.entry_points(group='jax_plugins'):
+    return False
+  return importlib.util.find_spec('libtpu') is None
 
 
 def keep_freed_memory_mapped() -> bool:

@@ -5,7 +5,7 @@ Training::
   source (MapDataset) -> shuffle (reseeded each epoch) -> decode (PIL)
     -> random_map jitter (the official --preprocess, flip, [-1, 1]) -> repeat
     -> this process's rows of each global batch -> to_iter_dataset (threaded prefetch)
-    -> batch (host share, drop_remainder) -> mp_prefetch (config.num_workers processes)
+    -> batch (host share, drop_remainder) -> mp_prefetch (config.data.num_workers processes)
 
 Every process builds the same global sequence (one seed, no process index in it) and reads
 only its rows of each global batch: process p of P takes rows [p * B/P, (p + 1) * B/P) of
@@ -33,7 +33,7 @@ from absl import flags
 from absl import logging
 from PIL import Image
 
-from p2p_jax import datasets
+from p2p_jax import datasets, images
 
 PREPROCESS_OPTIONS = ('resize_and_crop', 'crop', 'scale_width', 'scale_width_and_crop',
                       'none')
@@ -43,36 +43,29 @@ _READ_THREADS = 4
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a ``ValueError`` naming the option when a data option is invalid."""
+  """Raises a ``ValueError`` naming the option when a ``config.data`` option is invalid."""
+  data = config.data
+
   def check(ok, option, message):
     if not ok:
-      raise ValueError(f'config.{option}={config_value(option)!r}: {message}')
+      raise ValueError(f'config.data.{option}={data[option]!r}: {message}')
 
-  def config_value(option):
-    value = config
-    for key in option.split('.'):
-      value = value[key]
-    return value
-
-  check(config.dataset.name in ('aligned', 'cityscapes', 'demo'), 'dataset.name',
+  check(data.name in ('aligned', 'cityscapes', 'demo'), 'name',
         "must be 'aligned', 'cityscapes' or 'demo'")
-  check(config.dataset.direction in ('AtoB', 'BtoA'), 'dataset.direction',
-        "must be 'AtoB' or 'BtoA'")
-  check(config.preprocess in PREPROCESS_OPTIONS, 'preprocess',
+  check(data.direction in ('AtoB', 'BtoA'), 'direction', "must be 'AtoB' or 'BtoA'")
+  check(data.preprocess in PREPROCESS_OPTIONS, 'preprocess',
         f'must be one of {", ".join(PREPROCESS_OPTIONS)}')
   for option in ('input_nc', 'output_nc'):
-    check(config[option] in (1, 3), option, 'must be 1 (grayscale) or 3 (RGB)')
+    check(data[option] in (1, 3), option, 'must be 1 (grayscale) or 3 (RGB)')
   for option in ('load_size', 'crop_size', 'batch_size', 'prefetch_buffer_size'):
-    check(isinstance(config[option], int) and config[option] > 0, option,
+    check(isinstance(data[option], int) and data[option] > 0, option,
           'must be a positive integer')
-  check(isinstance(config.num_workers, int) and config.num_workers >= 0, 'num_workers',
+  check(isinstance(data.num_workers, int) and data.num_workers >= 0, 'num_workers',
         'must be a non-negative integer (0: decode in the main process)')
-  if config.preprocess in ('resize_and_crop', 'scale_width_and_crop'):
-    check(config.crop_size <= config.load_size, 'crop_size',
-          f'must be <= config.load_size={config.load_size} for preprocess='
-          f'{config.preprocess!r}')
-  check(config.batch_size % jax.process_count() == 0, 'batch_size',
-        f'the global batch must split evenly over the {jax.process_count()} processes')
+  if data.preprocess in ('resize_and_crop', 'scale_width_and_crop'):
+    check(data.crop_size <= data.load_size, 'crop_size',
+          f'must be <= config.data.load_size={data.load_size} for preprocess='
+          f'{data.preprocess!r}')
 
 
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
@@ -93,8 +86,8 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
   """The infinite, jittered, checkpointable training iterator of this process.
 
   Args:
-    config: the experiment config (``dataset.*``, ``preprocess``, ``load_size``,
-      ``crop_size``, ``flip``, ``batch_size`` (global), ``num_workers``, ...).
+    config: the experiment config (``config.data``: source, preprocessing, the global
+      ``batch_size``, ``num_workers``, ...).
     seed: the data seed. Shuffling and jitter are derived from it, the epoch and the
       example's global position, so a run's global batches are a function of the seed
       alone, whatever the number of processes.
@@ -110,26 +103,26 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
     position exactly; restore with the same config, ``num_workers`` and process count.
   """
   validate_config(config)
-  source = datasets.get_source(config, config.dataset.train_split)
-  host_batch = config.batch_size // jax.process_count()
-  # The same seed on every process: all build the same global sequence (see HostRows). (The
-  # 0 is where the process index used to go; it keeps single-process runs' batches.)
+  source = datasets.get_source(config, config.data.train_split)
+  host_batch = config.data.batch_size // jax.process_count()
+  # The same seed on every process: all build the same global sequence (see HostRows). The
+  # derivation is fixed, as every run's batches depend on it.
   seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
   ds = grain.MapDataset.source(source.records).seed(seed).shuffle()
-  ds = ds.map(DecodeOrSkip(source.decode, config.dataset.skip_bad_images, len(ds)))
+  ds = ds.map(DecodeOrSkip(source.decode, config.data.skip_bad_images, len(ds)))
   ds = ds.random_map(functools.partial(
-      jitter, preprocess=config.preprocess, load_size=config.load_size,
-      crop_size=config.crop_size, flip=config.flip))
+      jitter, preprocess=config.data.preprocess, load_size=config.data.load_size,
+      crop_size=config.data.crop_size, flip=config.data.flip))
   ds = ds.repeat(None)  # Reseeds shuffle and jitter with the epoch.
-  ds = HostRows(ds, config.batch_size, jax.process_index(), jax.process_count(), start_step)
+  ds = HostRows(ds, config.data.batch_size, jax.process_index(), jax.process_count(), start_step)
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=_READ_THREADS,
-      prefetch_buffer_size=max(_READ_THREADS, config.prefetch_buffer_size * host_batch)))
+      prefetch_buffer_size=max(_READ_THREADS, config.data.prefetch_buffer_size * host_batch)))
   ds = ds.batch(host_batch, drop_remainder=True)
-  if config.num_workers > 0:
+  if config.data.num_workers > 0:
     _mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer_size))
+        num_workers=config.data.num_workers, per_worker_buffer_size=config.data.prefetch_buffer_size))
   return iter(ds)
 
 
@@ -143,14 +136,14 @@ def create_eval_dataset(config: ml_collections.ConfigDict, split: str) -> grain.
   Returns:
     A ``MapDataset`` of ``{'A': float32 (crop, crop, input_nc), 'B': float32 (crop, crop,
     output_nc), 'name': str}`` in [-1, 1], both images resized to ``crop_size`` (bicubic),
-    no jitter. With ``dataset.skip_bad_images`` a bad file's element is None
+    no jitter. With ``data.skip_bad_images`` a bad file's element is None
     (``to_iter_dataset()`` leaves those out).
   """
   validate_config(config)
   source = datasets.get_source(config, split)
   ds = grain.MapDataset.source(source.records)
-  ds = ds.map(DecodeOrSkip(source.decode, config.dataset.skip_bad_images, len(ds)))
-  return ds.map(functools.partial(resize_for_eval, crop_size=config.crop_size))
+  ds = ds.map(DecodeOrSkip(source.decode, config.data.skip_bad_images, len(ds)))
+  return ds.map(functools.partial(resize_for_eval, crop_size=config.data.crop_size))
 
 
 class HostRows(grain.MapDataset):
@@ -260,14 +253,14 @@ def jitter(example: dict, rng: np.random.Generator, *, preprocess: str, load_siz
     a, b = a[y:y + crop_size, x:x + crop_size], b[y:y + crop_size, x:x + crop_size]
   if flipped:
     a, b = a[:, ::-1], b[:, ::-1]
-  return {'A': _normalize(a), 'B': _normalize(b)}
+  return {'A': images.to_float(a), 'B': images.to_float(b)}
 
 
 def resize_for_eval(example: dict, *, crop_size: int) -> dict:
   """Evaluation preprocessing: both images resized to crop_size (bicubic), in [-1, 1]."""
   size = (crop_size, crop_size)
-  return {'A': _normalize(_to_array(_resize(example['A'], size))),
-          'B': _normalize(_to_array(_resize(example['B'], size))),
+  return {'A': images.to_float(_to_array(_resize(example['A'], size))),
+          'B': images.to_float(_to_array(_resize(example['B'], size))),
           'name': example['name']}
 
 
@@ -278,10 +271,6 @@ def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 def _to_array(image: Image.Image) -> np.ndarray:
   array = np.asarray(image)
   return array[..., None] if array.ndim == 2 else array
-
-
-def _normalize(array: np.ndarray) -> np.ndarray:
-  return array.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -313,15 +302,15 @@ def benchmark(config: ml_collections.ConfigDict, num_images: int = 512,
     (host), ``num_images``, ``seconds``, ``crop_size``, ``data_dir``.
   """
   config = config.copy_and_resolve_references()
-  if config.dataset.name == 'cityscapes':
-    config.dataset.name, config.dataset.data_dir = 'demo', ''
-  host_batch = config.batch_size // jax.process_count()
+  if config.data.name == 'cityscapes':
+    config.data.name, config.data.data_dir = 'demo', ''
+  host_batch = config.data.batch_size // jax.process_count()
   num_batches = max(1, num_images // host_batch)
   results = []
   for num_workers in worker_counts:
-    config.num_workers = num_workers
+    config.data.num_workers = num_workers
     iterator = create_train_iterator(config, seed=0)
-    for _ in range(max(4, 2 * config.prefetch_buffer_size)):  # Warm-up: fill the buffers.
+    for _ in range(max(4, 2 * config.data.prefetch_buffer_size)):  # Warm-up: fill the buffers.
       next(iterator)
     start = time.perf_counter()
     for _ in range(num_batches):
@@ -332,8 +321,8 @@ def benchmark(config: ml_collections.ConfigDict, num_images: int = 512,
     images = num_batches * host_batch
     results.append({'num_workers': num_workers, 'images_per_sec': images / seconds,
                     'batch_size': host_batch, 'num_images': images, 'seconds': seconds,
-                    'crop_size': config.crop_size,
-                    'data_dir': config.dataset.data_dir or datasets.default_demo_dir()})
+                    'crop_size': config.data.crop_size,
+                    'data_dir': config.data.data_dir or datasets.default_demo_dir()})
     logging.info('Input pipeline, %d workers: %.1f images/s', num_workers,
                  images / seconds)
   return results

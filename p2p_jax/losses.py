@@ -6,14 +6,14 @@ import optax
 GAN_MODES = ('vanilla', 'lsgan', 'hinge')
 
 
-def _check_mode(mode: str) -> None:
+def check_gan_mode(mode: str) -> None:
   if mode not in GAN_MODES:
     raise ValueError(f'config.loss.gan_mode must be one of {GAN_MODES}, got {mode!r}')
 
 
 def discriminator_loss(mode: str, logits: jax.Array, is_real: bool) -> jax.Array:
   """The discriminator's loss on one set of patch logits, real or fake."""
-  _check_mode(mode)
+  check_gan_mode(mode)
   if mode == 'vanilla':  # BCEWithLogitsLoss against an all-ones / all-zeros target.
     target = jnp.full_like(logits, 1.0 if is_real else 0.0)
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target))
@@ -25,7 +25,7 @@ def discriminator_loss(mode: str, logits: jax.Array, is_real: bool) -> jax.Array
 
 def generator_gan_loss(mode: str, fake_logits: jax.Array) -> jax.Array:
   """The generator's adversarial loss on the discriminator's logits for its fakes."""
-  _check_mode(mode)
+  check_gan_mode(mode)
   if mode == 'hinge':
     return -jnp.mean(fake_logits)
   return discriminator_loss(mode, fake_logits, is_real=True)

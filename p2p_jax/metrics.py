@@ -1,10 +1,7 @@
 """Image metrics between generated and real images: L1, PSNR and SSIM."""
 import numpy as np
 
-
-def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats to uint8 pixels, rounded (the official ``tensor2im`` truncates)."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+from p2p_jax import images
 
 
 def _gaussian_filter_valid(x: np.ndarray) -> np.ndarray:
@@ -65,7 +62,7 @@ def image_metrics(fake: np.ndarray, real: np.ndarray) -> dict:
   Returns:
     ``{'L1', 'PSNR', 'SSIM'}``.
   """
-  fake_u8, real_u8 = to_uint8(fake), to_uint8(real)
+  fake_u8, real_u8 = images.to_uint8(fake), images.to_uint8(real)
   return {'L1': float(np.mean(np.abs(np.asarray(fake, np.float64) - real))),
           'PSNR': psnr(fake_u8, real_u8),
           'SSIM': ssim(fake_u8 / 255.0, real_u8 / 255.0)}

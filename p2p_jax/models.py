@@ -181,7 +181,8 @@ def create_generator(model_config, output_nc: int, dtype: Any = jnp.float32) -> 
   common = dict(output_nc=output_nc, ngf=model_config.ngf, norm=model_config.norm,
                 use_dropout=model_config.use_dropout, dtype=dtype)
   if name in UNET_NAMES:
-    return UNetGenerator(num_downs=UNET_NAMES[name], conv_impl=model_config.conv_impl, **common)
+    conv_impl = layers.resolve_impl(model_config.conv_impl, jax.default_backend())
+    return UNetGenerator(num_downs=UNET_NAMES[name], conv_impl=conv_impl, **common)
   if name in ('resnet_9blocks', 'resnet_6blocks'):
     return ResnetGenerator(n_blocks=9 if name == 'resnet_9blocks' else 6, **common)
   raise ValueError(f'config.model.netG must be one of {sorted(UNET_NAMES)} or '
@@ -199,9 +200,9 @@ def create_discriminator(model_config, dtype: Any = jnp.float32) -> nn.Module:
     n_layers = 0
   else:
     raise ValueError(f"config.model.netD must be 'basic', 'n_layers' or 'pixel'; got {name!r}")
+  conv_impl = layers.resolve_impl(model_config.conv_impl, jax.default_backend())
   return PatchGANDiscriminator(ndf=model_config.ndf, n_layers=n_layers,
-                               norm=model_config.norm, conv_impl=model_config.conv_impl,
-                               dtype=dtype)
+                               norm=model_config.norm, conv_impl=conv_impl, dtype=dtype)
 
 
 def init_variables(module: nn.Module, key: jax.Array, input_shape) -> dict:
@@ -231,11 +232,30 @@ def generate(generator: nn.Module, variables: dict, images: jax.Array, rng: jax.
   Returns:
     ``(N, H, W, output_nc)`` float32 in [-1, 1].
   """
+  check_eval_mode(mode)
   if mode == 'paper':
     # Batch statistics of the test batch; the running averages are left untouched.
     out, _ = generator.apply(variables, images, train=True, mutable=['batch_stats'],
                              rngs={'dropout': rng})
     return out
-  if mode == 'eval':
-    return generator.apply(variables, images, train=False)
-  raise ValueError(f"eval mode must be 'paper' or 'eval', got {mode!r}")
+  return generator.apply(variables, images, train=False)
+
+
+def check_eval_mode(mode: str) -> None:
+  """Raises unless ``mode`` is a test-time mode of :func:`generate`."""
+  if mode not in ('paper', 'eval'):
+    raise ValueError(f"config.eval.mode must be 'paper' or 'eval', got {mode!r}")
+
+
+def compute_dtype(name: str):
+  """The activation dtype of ``config.compute_dtype`` ('float32' or 'bfloat16')."""
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.compute_dtype must be 'float32' or 'bfloat16', got {name!r}")
+  return jnp.dtype(name)
+
+
+def required_multiple(netG: str) -> int:
+  """The factor that input height and width must be multiples of for generator ``netG``."""
+  if netG in UNET_NAMES:
+    return 2 ** UNET_NAMES[netG]
+  return 4  # The ResNet generators: two stride-2 downsamplings.

@@ -30,9 +30,12 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, option: str = 'config.batch_size'):
+def check_batch_size(global_batch_size: int, mesh: Mesh,
+                     option: str = 'config.data.batch_size') -> None:
   """Raises a clear error unless the global batch splits evenly over devices and processes."""
   num_devices = mesh.devices.size
+  if not isinstance(global_batch_size, int) or global_batch_size <= 0:
+    raise ValueError(f'{option}={global_batch_size!r} must be a positive integer.')
   if global_batch_size % num_devices:
     raise ValueError(
         f'{option}={global_batch_size} is not divisible by the {num_devices} devices of the '
@@ -42,59 +45,62 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, option: str = 'config.b
                      f'{jax.process_count()} processes.')
 
 
-def host_batch_size(global_batch_size: int) -> int:
-  """This process's share of the global batch."""
-  return global_batch_size // jax.process_count()
-
-
 def to_global(batch, mesh: Mesh):
   """Assembles each process's host-local numpy batch into global arrays sharded on ``data``."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-# Environment variables for the explicit settings (launch/ sets them); config fields win.
+def shard_replicated_batch(batch, mesh: Mesh):
+  """A batch that every process holds whole, as global arrays sharded on ``data``."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), batch)
+
+
+# Environment variables for the explicit settings (launch/ sets them); flags win.
 ENV_VARS = {'coordinator_address': 'P2P_COORDINATOR_ADDRESS',
             'num_processes': 'P2P_NUM_PROCESSES', 'process_id': 'P2P_PROCESS_ID'}
 
 
-def distributed_settings(distributed_config) -> dict:
+def distributed_settings(coordinator_address: str = '', num_processes: int = -1,
+                         process_id: int = -1) -> dict:
   """The explicit ``coordinator_address`` / ``num_processes`` / ``process_id``.
 
   Args:
-    distributed_config: ``config.distributed``.
+    coordinator_address: ``--coordinator_address`` ('' unset).
+    num_processes: ``--num_processes`` (-1 unset).
+    process_id: ``--process_id`` (-1 unset).
 
   Returns:
-    Each setting from the config, else from its ``ENV_VARS`` variable, else None (unset:
+    Each setting from its argument, else from its ``ENV_VARS`` variable, else None (unset:
     ``jax.distributed.initialize`` then detects it on TPU pods and under SLURM).
   """
-  address = (distributed_config.coordinator_address or
-             os.environ.get(ENV_VARS['coordinator_address'], ''))
+  address = coordinator_address or os.environ.get(ENV_VARS['coordinator_address'], '')
   numbers = {}
-  for name in ('num_processes', 'process_id'):
-    value = distributed_config[name]
-    if value < 0:  # -1: unset in the config.
+  for name, value in (('num_processes', num_processes), ('process_id', process_id)):
+    if value < 0:
       value = int(os.environ.get(ENV_VARS[name], -1))
     numbers[name] = value if value >= 0 else None
   return dict(coordinator_address=address or None, **numbers)
 
 
-def initialize_distributed(distributed_config) -> None:
-  """Joins JAX's multi-controller runtime when the config asks for it; no-op otherwise.
+def initialize_distributed(enabled: bool, settings: dict,
+                           heartbeat_timeout_seconds: int = 100) -> None:
+  """Joins JAX's multi-controller runtime when asked to; no-op otherwise.
 
   It is asked for by ``enabled`` (everything auto-detected on TPU pods and under SLURM) or by
-  a coordinator address (``distributed_settings``). Must run before any other JAX call.
+  a coordinator address in ``settings``. Must run before any other JAX call.
 
   Args:
-    distributed_config: ``config.distributed``.
+    enabled: ``--distributed``.
+    settings: from ``distributed_settings``.
+    heartbeat_timeout_seconds: a process silent this long counts as dead, and the
+      coordination service then ends all the others instead of leaving them blocked.
   """
-  settings = distributed_settings(distributed_config)
-  if not (distributed_config.enabled or settings['coordinator_address']):
+  if not (enabled or settings['coordinator_address']):
     return
-  # A process that stops sending heartbeats (killed, hung host) makes the coordination
-  # service terminate all the others after this long, instead of leaving them blocked.
-  jax.distributed.initialize(
-      **settings, heartbeat_timeout_seconds=distributed_config.heartbeat_timeout_seconds)
+  jax.distributed.initialize(**settings, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
 def agree_to_stop(local_request: bool, step: int) -> bool:

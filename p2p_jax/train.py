@@ -11,9 +11,9 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import struct
+from flax import struct, traverse_util
 
-from p2p_jax import checkpointing, input_pipeline, losses, models, parallel
+from p2p_jax import checkpointing, images, input_pipeline, losses, models, parallel
 
 
 class NetState(struct.PyTreeNode):
@@ -45,59 +45,76 @@ class Pix2Pix:
   lambda_l1: float = struct.field(pytree_node=False)
 
 
-def compute_dtype(config: ml_collections.ConfigDict):
-  if config.compute_dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"config.compute_dtype must be 'float32' or 'bfloat16', "
-                     f'got {config.compute_dtype!r}')
-  return jnp.dtype(config.compute_dtype)
-
-
 def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:
   """The official `--lr_policy linear`: constant for n_epochs, then linear decay to zero.
 
   As the official ``LambdaLR`` stepped once per epoch, the factor is piecewise constant per
   epoch: ``1 - max(0, epoch + 1 - n_epochs) / (n_epochs_decay + 1)`` for 0-based ``epoch``.
   """
+  optim = config.optim
+
   def schedule(step):
     epoch = step // steps_per_epoch
-    decay = jnp.maximum(0, epoch + 1 - config.n_epochs) / float(config.n_epochs_decay + 1)
-    return config.optim.lr * jnp.clip(1.0 - decay, 0.0, 1.0)
+    decay = jnp.maximum(0, epoch + 1 - optim.n_epochs) / float(optim.n_epochs_decay + 1)
+    return optim.lr * jnp.clip(1.0 - decay, 0.0, 1.0)
   return schedule
 
 
 def create_pix2pix(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Pix2Pix:
-  dtype = compute_dtype(config)
+  dtype = models.compute_dtype(config.compute_dtype)
   optimizer = optax.adam(lr_schedule(config, steps_per_epoch), b1=config.optim.beta1,
                          b2=config.optim.beta2)
-  losses._check_mode(config.loss.gan_mode)
-  return Pix2Pix(generator=models.create_generator(config.model, config.output_nc, dtype),
+  losses.check_gan_mode(config.loss.gan_mode)
+  return Pix2Pix(generator=models.create_generator(config.model, config.data.output_nc, dtype),
                  discriminator=models.create_discriminator(config.model, dtype),
                  optimizer=optimizer, gan_mode=config.loss.gan_mode,
                  lambda_l1=float(config.loss.lambda_l1))
 
 
-def create_train_state(pix2pix: Pix2Pix, config: ml_collections.ConfigDict,
-                       rng: jax.Array) -> TrainState:
-  """Initialises G and D (official N(0, 0.02) init) and their Adam states."""
-  size = config.crop_size
+def state_from_variables(pix2pix: Pix2Pix, generator: dict, discriminator: dict,
+                         rng: jax.Array) -> TrainState:
+  """A step-0 train state holding these networks' variables and fresh Adam moments.
 
-  def net_state(module, key, channels):
-    variables = models.init_variables(module, key, (1, size, size, channels))
+  Args:
+    pix2pix: the static training parts (the optimizer).
+    generator: G's ``{'params', 'batch_stats'}``.
+    discriminator: D's ``{'params', 'batch_stats'}``.
+    rng: the base key of the step randomness.
+  """
+  def net_state(variables):
     return NetState(params=variables['params'], batch_stats=variables['batch_stats'],
                     opt_state=pix2pix.optimizer.init(variables['params']))
 
-  @jax.jit  # One compiled init instead of hundreds of eager ops.
+  return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, generator=net_state(generator),
+                    discriminator=net_state(discriminator))
+
+
+def create_train_state(pix2pix: Pix2Pix, config: ml_collections.ConfigDict, rng: jax.Array,
+                       sharding=None) -> TrainState:
+  """Initialises G and D (official N(0, 0.02) init) and their Adam states, in one program.
+
+  Args:
+    pix2pix: the static training parts.
+    config: the experiment config (``config.data`` sizes and channels).
+    rng: the init key.
+    sharding: where the state goes (e.g. replicated over the mesh); None for the default.
+  """
+  data = config.data
+  size = data.crop_size
+
   def init(rng):
     g_key, d_key, step_key = jax.random.split(rng, 3)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), rng=step_key,
-        generator=net_state(pix2pix.generator, g_key, config.input_nc),
-        discriminator=net_state(pix2pix.discriminator, d_key,
-                                config.input_nc + config.output_nc))
+    generator = models.init_variables(pix2pix.generator, g_key,
+                                      (1, size, size, data.input_nc))
+    discriminator = models.init_variables(pix2pix.discriminator, d_key,
+                                          (1, size, size, data.input_nc + data.output_nc))
+    return state_from_variables(pix2pix, generator, discriminator, step_key)
 
-  # XLA:CPU compiles the dozens of normal draws of the init ~4x faster without threefry's
-  # partitionable mode (demo config: 6.5 s instead of 25 s). Parameters are replicated, so
-  # partitioning their random bits buys nothing; the init stays a function of `rng`.
+  init = jax.jit(init, out_shardings=sharding)
+  if jax.default_backend() != 'cpu':
+    return init(rng)
+  # XLA:CPU compiles the init's normal draws much faster without threefry's partitionable
+  # mode; the parameters are replicated, so partitioning their random bits buys nothing.
   with jax.threefry_partitionable(False):
     return init(rng)
 
@@ -174,9 +191,8 @@ def train_step(pix2pix: Pix2Pix, state: TrainState, batch: dict) -> tuple[TrainS
 
 
 # XLA:CPU's default copy insertion cannot see that the Adam update may overwrite the donated
-# moments in place (its fusions read the old first moment after another fusion has written the
-# new one), and copies the U-Net's parameters and first moments every step: 450 MB, about a
-# tenth of the step at batch 1. Its region analysis proves those copies unnecessary.
+# moments in place, and copies the parameters and first moments every step; its region
+# analysis proves those copies unnecessary.
 CPU_COMPILER_OPTIONS = {'xla_cpu_copy_insertion_use_region_analysis': True}
 
 
@@ -261,15 +277,6 @@ def _fetch_metrics(pending: list, manager) -> dict:
   return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]} if fetched else {}
 
 
-def _image_grid(real_a: np.ndarray, fake_b: np.ndarray, real_b: np.ndarray) -> np.ndarray:
-  """Rows of input | generated | target, as one float image in [0, 1]."""
-  def rgb(x):
-    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-  rows = [np.concatenate([rgb(a), rgb(f), rgb(b)], axis=1) for a, f, b in
-          zip(real_a, fake_b, real_b)]
-  return (np.concatenate(rows, axis=0) + 1) / 2
-
-
 def _fixed_examples(config, split: str) -> Optional[dict]:
   """The first ``num_image_examples`` of ``split`` (un-jittered), or None if it has none."""
   try:
@@ -287,33 +294,15 @@ def _fixed_examples(config, split: str) -> Optional[dict]:
 def _write_images(writer, state: TrainState, examples: dict, step: int,
                   generate_fn) -> dict:
   """Writes input | generated | target grids; returns the L1 of each set (in [-1, 1] units)."""
-  images, l1 = {}, {}
+  grids, l1 = {}, {}
   for name, ex in examples.items():
     fake = np.asarray(jax.device_get(generate_fn(state.generator.variables, ex['A'],
                                                  state.rng)))
-    images[f'{name}/input_generated_target'] = _image_grid(ex['A'], fake, ex['B'])[None]
+    grid = images.grid(zip(ex['A'], fake, ex['B']))  # Rows of input | generated | target.
+    grids[f'{name}/input_generated_target'] = ((grid + 1) / 2)[None]
     l1[f'{name}_L1'] = float(np.mean(np.abs(fake - ex['B'])))
-  writer.write_images(step, images)
+  writer.write_images(step, grids)
   return l1
-
-
-def _saved_by_other_process_count(manager, step: int) -> bool:
-  """Whether checkpoint ``step`` holds data-iterator states of another number of processes.
-
-  grain saves one state per process, as ``process_<index>-of-<count>.json``. With another
-  count they do not apply; the step then gives the data position instead, exactly, as the
-  global batches do not depend on the number of processes (unless files were skipped).
-
-  Args:
-    manager: the run's checkpoint manager.
-    step: the checkpoint step.
-
-  Returns:
-    True if the checkpoint has iterator states but none for this process and count.
-  """
-  directory = manager.directory / str(step) / 'data_iterator'
-  own = directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-  return directory.exists() and not own.exists()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -327,29 +316,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     The final train state.
   """
   mesh = parallel.create_mesh()
-  parallel.check_batch_size(config.batch_size, mesh)
-  num_train = input_pipeline.num_examples(config, config.dataset.train_split)
-  steps_per_epoch = max(1, num_train // config.batch_size)
-  num_steps = (config.num_train_steps if config.num_train_steps > 0 else
-               (config.n_epochs + config.n_epochs_decay) * steps_per_epoch)
+  parallel.check_batch_size(config.data.batch_size, mesh)
+  num_train = input_pipeline.num_examples(config, config.data.train_split)
+  steps_per_epoch = max(1, num_train // config.data.batch_size)
+  num_steps = (config.optim.num_train_steps if config.optim.num_train_steps > 0 else
+               (config.optim.n_epochs + config.optim.n_epochs_decay) * steps_per_epoch)
   pix2pix = create_pix2pix(config, steps_per_epoch)
   replicated = parallel.replicated_sharding(mesh)
 
   manager = checkpointing.create_manager(workdir, config.max_to_keep)
-  latest = manager.latest_step()
-  data_from_step = latest is not None and _saved_by_other_process_count(manager, latest)
-  if data_from_step:
-    logging.warning('Checkpoint %d was saved by another number of processes: the input '
-                    'pipeline resumes at global batch %d.', latest, latest)
-  train_iter = input_pipeline.create_train_iterator(
-      config, seed=config.seed, start_step=latest if data_from_step else 0)
   # Initialised straight into the replicated layout: one program over all processes, not one
   # per host followed by a cross-host broadcast.
-  state = jax.jit(functools.partial(create_train_state, pix2pix, config),
-                  out_shardings=replicated)(jax.random.PRNGKey(config.seed))
-  if latest is not None:
-    state = checkpointing.restore_train_state(manager, latest, state, replicated,
-                                              None if data_from_step else train_iter)
+  state, train_iter = checkpointing.restore_or_initialize(
+      manager, lambda: create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed),
+                                          replicated),
+      replicated,
+      lambda start_step: input_pipeline.create_train_iterator(config, config.seed, start_step))
   start_step = int(state.step)
 
   is_chief = jax.process_index() == 0
@@ -357,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   if start_step == 0:
-    writer.write_hparams(_flatten(config.to_dict()))
+    writer.write_hparams(traverse_util.flatten_dict(config.to_dict(), sep='.'))
     for name, net in (('generator', state.generator), ('discriminator', state.discriminator)):
       logging.info('%s parameters:\n%s', name,
                    parameter_overview.get_parameter_overview(net.params))
@@ -367,8 +349,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_step_fn = make_train_step(pix2pix, mesh, lr_schedule(config, steps_per_epoch))
   generate_fn = jax.jit(functools.partial(models.generate, pix2pix.generator, mode='paper'))
   examples = {name: ex for name, ex in (
-      ('train', _fixed_examples(config, config.dataset.train_split)),
-      ('heldout', _fixed_examples(config, config.dataset.eval_split))) if ex is not None}
+      ('train', _fixed_examples(config, config.data.train_split)),
+      ('heldout', _fixed_examples(config, config.data.eval_split))) if ex is not None}
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
   if config.profile and is_chief:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
@@ -392,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         steps_per_sec = (step + 1 - last_log[1]) / (now - last_log[0])
         last_log = (now, step + 1)
         summary.update(steps_per_sec=steps_per_sec,
-                       images_per_sec=steps_per_sec * config.batch_size,
+                       images_per_sec=steps_per_sec * config.data.batch_size,
                        epoch=(step + 1) / steps_per_epoch)
         writer.write_scalars(step + 1, summary)
       if examples and ((step + 1) % config.image_every_steps == 0 or done):
@@ -413,13 +395,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.warning('Stopped at step %d on request; resume by running the same command.',
                     int(state.step))
   return state
-
-
-def _flatten(d: dict, prefix: str = '') -> dict:
-  flat = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      flat.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      flat[f'{prefix}{k}'] = v
-  return flat

@@ -15,23 +15,38 @@ def load_config(name: str = 'default'):
   spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def tiny_config():
-  """The default config shrunk for tests: unet_128 with ngf/ndf 8 at 128 px."""
-  config = load_config('default')
-  config.model.netG = 'unet_128'
-  config.model.ngf = 8
-  config.model.ndf = 8
-  config.load_size = 128
-  config.crop_size = 128
+  config = module.get_config()
+  config.lock()  # As the CLI: a misspelt or removed field is an error, not a new field.
   return config
 
 
+# The tiny shapes every training test runs at: a 5-level U-Net (unet_32), ngf/ndf 8, 32 px.
+TINY = {'model.netG': 'unet_32', 'model.ngf': 8, 'model.ndf': 8, 'data.load_size': 36,
+        'data.crop_size': 32, 'data.batch_size': 2, 'data.num_workers': 0,
+        'data.prefetch_buffer_size': 2, 'log_every_steps': 5, 'image_every_steps': 1000,
+        'max_to_keep': 2}
+
+
+def make_tiny_config(**overrides):
+  """The default config at ``TINY`` shapes, then ``overrides`` (``{'model.ngf': 4}`` style)."""
+  config = load_config('default')
+  for key, value in {**TINY, **overrides}.items():
+    *parents, name = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
+def tiny_flags(**overrides) -> list:
+  """The same settings as ``--config.<field>=<value>`` flags, for the CLI."""
+  return [f'--config.{key}={value}' for key, value in {**TINY, **overrides}.items()]
+
+
 @pytest.fixture
-def default_config():
-  return load_config('default')
+def tiny_config():
+  return make_tiny_config()
 
 
 def write_ab_image(path: str, index: int, side: int = 32) -> None:
@@ -58,14 +73,9 @@ def write_aligned_dataset(root: str, counts=(('train', 6), ('val', 2), ('test', 
 
 @pytest.fixture
 def aligned_config(tmp_path):
-  """The default config on a tiny aligned dataset: 32 px halves, load 36, crop 32, batch 2."""
-  config = load_config('default')
-  config.dataset.data_dir = write_aligned_dataset(str(tmp_path / 'aligned'))
-  config.load_size = 36
-  config.crop_size = 32
-  config.batch_size = 2
-  config.num_workers = 0
-  config.prefetch_buffer_size = 2
+  """The tiny config on a tiny aligned dataset: 32 px halves, load 36, crop 32, batch 2."""
+  config = make_tiny_config()
+  config.data.data_dir = write_aligned_dataset(str(tmp_path / 'aligned'))
   return config
 
 

@@ -3,20 +3,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import load_config
+from conftest import make_tiny_config
 from p2p_jax import parallel, train
 
 STEPS = 3
 
 
 def _config(compute_dtype):
-  config = load_config('default')
-  config.model.netG = 'unet_32'
-  config.model.ngf = 8
-  config.model.ndf = 8
-  config.load_size = config.crop_size = 32
-  config.compute_dtype = compute_dtype
-  return config
+  return make_tiny_config(compute_dtype=compute_dtype)
 
 
 def _batch():

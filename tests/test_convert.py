@@ -29,7 +29,7 @@ def _config(netG='unet_128', ngf=8, crop_size=128, norm='batch', use_dropout=Tru
   config = load_config('default')
   config.model.netG, config.model.ngf, config.model.norm = netG, ngf, norm
   config.model.use_dropout, config.model.netD, config.model.ndf = use_dropout, netD, ndf
-  config.crop_size = crop_size
+  config.data.crop_size = crop_size
   return config
 
 
@@ -165,7 +165,7 @@ def test_converted_generator_reproduces_torch_eval_outputs(name, overrides):
   variables = convert.convert_network(
       pth.read_state_dict(_fixture(f'{name}.pth')), config, 'generator', name)
   images, torch_out = _inputs_and_torch_outputs(name)
-  generator = models.create_generator(config.model, config.output_nc)
+  generator = models.create_generator(config.model, config.data.output_nc)
   out = np.asarray(models.generate(generator, variables, images, jax.random.PRNGKey(0),
                                    mode='eval'))
   assert np.abs(_quantise(out) - _quantise(torch_out)).max() <= 1  # The criterion.
@@ -221,8 +221,8 @@ def test_wrong_architecture_is_reported():
 
 
 def _abstract_generator_variables(config):
-  generator = models.create_generator(config.model, config.output_nc)
-  shape = (1, config.crop_size, config.crop_size, config.input_nc)
+  generator = models.create_generator(config.model, config.data.output_nc)
+  shape = (1, config.data.crop_size, config.data.crop_size, config.data.input_nc)
   return jax.eval_shape(lambda: models.init_variables(generator, jax.random.PRNGKey(0), shape))
 
 
@@ -236,7 +236,7 @@ def test_cli_writes_a_checkpoint_that_restore_generator_reads_back(tmp_path):
   generator_pth = _fixture('unet_128_ngf8.pth')
   subprocess.run([sys.executable, '-m', 'p2p_jax.convert', '--config=configs/default.py',
                   '--config.model.netG=unet_128', '--config.model.ngf=8',
-                  '--config.crop_size=128', f'--torch_generator={generator_pth}',
+                  '--config.data.crop_size=128', f'--torch_generator={generator_pth}',
                   f'--workdir={workdir}'], cwd=REPO_ROOT, check=True, capture_output=True)
   config = _config()
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -256,12 +256,14 @@ def test_generator_and_discriminator_give_a_train_state_to_fine_tune_from(tmp_pa
   convert.convert_checkpoint(config, workdir, _fixture('unet_128_ngf8.pth'),
                              _fixture('basic_D_ndf8.pth'))
   pix2pix = train.create_pix2pix(config, steps_per_epoch=1)
-  abstract = jax.eval_shape(
-      lambda: train.create_train_state(pix2pix, config, jax.random.PRNGKey(0)))
   manager = checkpointing.create_manager(workdir)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state = checkpointing.restore_train_state(manager, 0, abstract, sharding)
+  starts = []
+  state, _ = checkpointing.restore_or_initialize(
+      manager, lambda: train.create_train_state(pix2pix, config, jax.random.PRNGKey(0)),
+      sharding, starts.append)
   manager.close()
+  assert starts == [0]  # No data position in a converted checkpoint: data from the start.
   assert int(state.step) == 0
   _assert_trees_equal(state.generator.variables, convert.convert_network(
       pth.read_state_dict(_fixture('unet_128_ngf8.pth')), config, 'generator'))

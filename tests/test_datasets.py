@@ -156,9 +156,9 @@ def _write_cityscapes_zips(manual_dir, counts=(('train', 2), ('val', 1), ('test'
 
 def _cityscapes_config(tmp_path):
   config = load_config('default')
-  config.dataset.name = 'cityscapes'
-  config.dataset.data_dir = str(tmp_path / 'tfds')
-  config.dataset.manual_dir = str(tmp_path / 'manual')
+  config.data.name = 'cityscapes'
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.data.manual_dir = str(tmp_path / 'manual')
   return config
 
 
@@ -173,7 +173,7 @@ def test_cityscapes_without_manual_zips_names_the_files_and_folder(tmp_path):
 
 def test_cityscapes_builds_from_zips_and_decodes_colour_labels_and_photo(tmp_path):
   config = _cityscapes_config(tmp_path)
-  _write_cityscapes_zips(config.dataset.manual_dir)
+  _write_cityscapes_zips(config.data.manual_dir)
   source = datasets.get_source(config, 'train')
   assert len(source.records) == 2
   assert len(datasets.get_source(config, 'val').records) == 1

@@ -1,7 +1,7 @@
 """--mode=eval and --mode=translate: restore, outputs on disk, metrics, test-time modes, errors.
 
 A tiny ResNet generator (ngf 4, 32 px) keeps compiles short; the checkpoint is written from
-init variables with ``checkpointing.save_variables``.
+init variables with ``checkpointing.save_generator``.
 """
 import json
 import os
@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from conftest import REPO_ROOT, load_config, write_aligned_dataset
+from conftest import REPO_ROOT, make_tiny_config, tiny_flags, write_aligned_dataset
 from p2p_jax import checkpointing, evaluate, metrics, models, parallel
 
 SIZE = 32
@@ -24,25 +24,22 @@ STEP = 7
 NAMES = ('000', '001', '002')  # write_aligned_dataset's test split.
 
 
+# A ResNet generator at ngf 4: its compiles are shorter than a U-Net's.
+EVAL_OVERRIDES = {'model.netG': 'resnet_6blocks', 'model.ngf': 4, 'model.ndf': 4,
+                  'data.load_size': SIZE, 'data.crop_size': SIZE, 'data.batch_size': 1,
+                  'num_image_examples': 2}
+
+
 def _config(data_dir=''):
-  config = load_config('default')
-  config.model.netG = 'resnet_6blocks'
-  config.model.ngf = 4
-  config.model.ndf = 4
-  config.load_size = SIZE
-  config.crop_size = SIZE
-  config.num_workers = 0
-  config.num_image_examples = 2
-  config.dataset.data_dir = data_dir
-  return config
+  return make_tiny_config(**EVAL_OVERRIDES, **{'data.data_dir': data_dir})
 
 
 def _save_checkpoint(workdir, config):
   """Random generator variables of the right structure, saved as a checkpoint at STEP."""
-  generator = models.create_generator(config.model, config.output_nc)
+  generator = models.create_generator(config.model, config.data.output_nc)
   # Numpy values in the eval_shape structure: an eager flax init compiles op by op (slow).
   abstract = jax.eval_shape(lambda: models.init_variables(
-      generator, jax.random.PRNGKey(0), (1, SIZE, SIZE, config.input_nc)))
+      generator, jax.random.PRNGKey(0), (1, SIZE, SIZE, config.data.input_nc)))
   rng = np.random.default_rng(1)
   variables = {
       'params': jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(x.dtype),
@@ -50,7 +47,7 @@ def _save_checkpoint(workdir, config):
       # Non-trivial running statistics, so that 'eval' and 'paper' modes differ.
       'batch_stats': jax.tree.map(lambda x: rng.uniform(0.1, 1, x.shape).astype(x.dtype),
                                   abstract['batch_stats'])}
-  checkpointing.save_variables(workdir, STEP, config, variables)
+  checkpointing.save_generator(workdir, STEP, config, variables)
 
 
 @pytest.fixture(scope='module')
@@ -319,9 +316,8 @@ def test_cli_translate_matches_eval_outputs_for_the_same_inputs_and_keys(run, pa
   images = _images_dir(paper_run[0])
   for name in NAMES:
     shutil.copy(os.path.join(images, f'{name}_real_A.png'), in_dir / f'{name}.png')
-  flags = [f'--config.{key}={value}' for key, value in (
-      ('model.netG', 'resnet_6blocks'), ('model.ngf', 4), ('crop_size', SIZE),
-      ('load_size', SIZE), ('translate.input_dir', in_dir), ('translate.output_dir', out_dir))]
+  flags = tiny_flags(**EVAL_OVERRIDES, **{'translate.input_dir': in_dir,
+                                          'translate.output_dir': out_dir})
   result = subprocess.run(
       [sys.executable, '-m', 'p2p_jax.main', '--config=configs/default.py',
        f'--workdir={run.base_workdir}', '--mode=translate'] + flags,

@@ -29,7 +29,7 @@ def _assert_same_batches(first, second):
 
 
 def test_train_batches_have_the_host_batch_shape_dtype_and_range(aligned_config):
-  aligned_config.input_nc = 1
+  aligned_config.data.input_nc = 1
   batch = next(input_pipeline.create_train_iterator(aligned_config, seed=0))
   assert set(batch) == {'A', 'B'}
   assert batch['A'].shape == (2, 32, 32, 1) and batch['B'].shape == (2, 32, 32, 3)
@@ -39,7 +39,7 @@ def test_train_batches_have_the_host_batch_shape_dtype_and_range(aligned_config)
 
 
 def test_each_epoch_covers_every_example_once_in_a_new_order(aligned_config):
-  aligned_config.batch_size = 1
+  aligned_config.data.batch_size = 1
   iterator = input_pipeline.create_train_iterator(aligned_config, seed=0)
   epochs = [[_ids(b)[0] for b in _take(iterator, 6)] for _ in range(3)]
   for epoch in epochs:
@@ -57,7 +57,7 @@ def test_the_seed_alone_decides_the_batches(aligned_config):
 
 @pytest.mark.parametrize('num_workers', [0, 1])
 def test_restored_iterator_yields_exactly_the_same_batches(aligned_config, num_workers):
-  aligned_config.num_workers = num_workers
+  aligned_config.data.num_workers = num_workers
   iterator = input_pipeline.create_train_iterator(aligned_config, seed=0)
   _take(iterator, 4)  # Into the second epoch.
   state = json.loads(json.dumps(iterator.get_state()))  # As the checkpoint stores it.
@@ -82,7 +82,7 @@ def test_jitter_crops_and_flips_a_and_b_identically_and_does_flip(aligned_config
 
 
 def test_no_flip_keeps_orientation(aligned_config):
-  aligned_config.flip = False
+  aligned_config.data.flip = False
   batch = next(input_pipeline.create_train_iterator(aligned_config, seed=0))
   assert (batch['A'][:, 0, -1, 0] > batch['A'][:, 0, 0, 0]).all()
 
@@ -96,41 +96,41 @@ def test_no_flip_keeps_orientation(aligned_config):
 ])
 def test_preprocess_options_give_the_official_sizes(aligned_config, preprocess, load_size,
                                                     shape):
-  aligned_config.preprocess = preprocess
-  aligned_config.load_size = load_size
-  aligned_config.crop_size = 24 if 'crop' in preprocess and preprocess != 'resize_and_crop' else 32
+  aligned_config.data.preprocess = preprocess
+  aligned_config.data.load_size = load_size
+  aligned_config.data.crop_size = 24 if 'crop' in preprocess and preprocess != 'resize_and_crop' else 32
   batch = next(input_pipeline.create_train_iterator(aligned_config, seed=0))
   assert batch['A'].shape == (2, *shape, 3)
 
 
 def test_crop_larger_than_the_image_is_an_error(aligned_config):
-  aligned_config.preprocess = 'crop'
-  aligned_config.crop_size = 48
+  aligned_config.data.preprocess = 'crop'
+  aligned_config.data.crop_size = 48
   with pytest.raises(datasets.BadImageError, match='smaller than crop_size=48'):
     next(input_pipeline.create_train_iterator(aligned_config, seed=0))
 
 
 def test_eval_dataset_is_deterministic_resized_and_named(aligned_config):
-  aligned_config.crop_size = 16
-  aligned_config.input_nc = 1
+  aligned_config.data.crop_size = 16
+  aligned_config.data.input_nc = 1
   dataset = input_pipeline.create_eval_dataset(aligned_config, 'val')
   assert len(dataset) == input_pipeline.num_examples(aligned_config, 'val') == 2
   example = dataset[1]
   assert example['name'] == '001'
   assert example['A'].shape == (16, 16, 1) and example['B'].shape == (16, 16, 3)
-  expected = Image.open(os.path.join(aligned_config.dataset.data_dir, 'val', '001.png'))
+  expected = Image.open(os.path.join(aligned_config.data.data_dir, 'val', '001.png'))
   expected = expected.crop((32, 0, 64, 32)).resize((16, 16), Image.Resampling.BICUBIC)
   np.testing.assert_allclose(example['B'], np.asarray(expected) / 127.5 - 1, atol=1e-6)
   np.testing.assert_array_equal(dataset[1]['B'], example['B'])
 
 
 @pytest.mark.parametrize('option,value,match', [
-    ('preprocess', 'resize', 'config.preprocess=.*must be one of'),
-    ('dataset.direction', 'AtoC', 'config.dataset.direction=.*AtoB'),
-    ('input_nc', 2, 'config.input_nc=2'),
-    ('batch_size', 0, 'config.batch_size=0'),
-    ('num_workers', -1, 'config.num_workers=-1'),
-    ('crop_size', 64, 'config.crop_size=64: must be <= config.load_size'),
+    ('preprocess', 'resize', 'config.data.preprocess=.*must be one of'),
+    ('dataset.direction', 'AtoC', 'config.data.direction=.*AtoB'),
+    ('input_nc', 2, 'config.data.input_nc=2'),
+    ('batch_size', 0, 'config.data.batch_size=0'),
+    ('num_workers', -1, 'config.data.num_workers=-1'),
+    ('crop_size', 64, 'config.data.crop_size=64: must be <= config.data.load_size'),
 ])
 def test_invalid_options_are_errors_naming_the_option(aligned_config, option, value, match):
   *parents, key = option.split('.')
@@ -145,7 +145,7 @@ def test_invalid_options_are_errors_naming_the_option(aligned_config, option, va
 def test_processes_read_contiguous_slices_of_the_single_process_global_batches(
     aligned_config, monkeypatch):
   # Global batches of 4 from 6 examples: the slices run across epoch boundaries.
-  aligned_config.batch_size = 4
+  aligned_config.data.batch_size = 4
   single = _take(input_pipeline.create_train_iterator(aligned_config, seed=0), 4)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   slices = []
@@ -156,8 +156,8 @@ def test_processes_read_contiguous_slices_of_the_single_process_global_batches(
   joined = [{k: np.concatenate([first[k], second[k]]) for k in first}
             for first, second in zip(*slices)]
   _assert_same_batches(single, joined)
-  aligned_config.batch_size = 3
-  with pytest.raises(ValueError, match='config.batch_size=3.*2 processes'):
+  aligned_config.data.batch_size = 3
+  with pytest.raises(ValueError, match='config.data.batch_size=3.*2 processes'):
     input_pipeline.create_train_iterator(aligned_config, seed=0)
 
 
@@ -168,7 +168,7 @@ def test_start_step_resumes_at_that_global_batch(aligned_config):
 
 
 def _corrupt(config, name='003.png'):
-  path = os.path.join(config.dataset.data_dir, 'train', name)
+  path = os.path.join(config.data.data_dir, 'train', name)
   with open(path, 'wb') as f:
     f.write(b'not a png')
   return path
@@ -183,7 +183,7 @@ def test_a_bad_file_is_an_error_naming_it_by_default(aligned_config):
 
 def test_a_bad_file_is_an_error_naming_it_from_a_worker_process(aligned_config):
   path = _corrupt(aligned_config)
-  aligned_config.num_workers = 1
+  aligned_config.data.num_workers = 1
   iterator = input_pipeline.create_train_iterator(aligned_config, seed=0)
   with pytest.raises(datasets.BadImageError, match=f'{path}: not an image'):
     _take(iterator, 3)
@@ -192,8 +192,8 @@ def test_a_bad_file_is_an_error_naming_it_from_a_worker_process(aligned_config):
 
 def test_skip_bad_images_skips_them_and_logs_each_once(aligned_config, monkeypatch):
   path = _corrupt(aligned_config)
-  aligned_config.dataset.skip_bad_images = True
-  aligned_config.batch_size = 1
+  aligned_config.data.skip_bad_images = True
+  aligned_config.data.batch_size = 1
   warnings = []
   monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
   iterator = input_pipeline.create_train_iterator(aligned_config, seed=0)
@@ -205,16 +205,16 @@ def test_skip_bad_images_skips_them_and_logs_each_once(aligned_config, monkeypat
 
 
 def test_skip_bad_images_with_only_bad_files_is_an_error_not_a_hang(aligned_config):
-  aligned_config.dataset.skip_bad_images = True
-  for name in sorted(os.listdir(os.path.join(aligned_config.dataset.data_dir, 'train'))):
+  aligned_config.data.skip_bad_images = True
+  for name in sorted(os.listdir(os.path.join(aligned_config.data.data_dir, 'train'))):
     _corrupt(aligned_config, name)
   with pytest.raises(datasets.BadImageError, match='All 6 images are bad'):
     next(input_pipeline.create_train_iterator(aligned_config, seed=0))
 
 
 def test_demo_dataset_trains_through_the_aligned_loader(demo_dir, aligned_config):
-  aligned_config.dataset.name = 'demo'
-  aligned_config.dataset.data_dir = demo_dir
+  aligned_config.data.name = 'demo'
+  aligned_config.data.data_dir = demo_dir
   assert input_pipeline.num_examples(aligned_config, 'train') == 18
   batch = next(input_pipeline.create_train_iterator(aligned_config, seed=0))
   assert batch['A'].shape == (2, 32, 32, 3)

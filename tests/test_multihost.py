@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, load_config, write_aligned_dataset
+from conftest import REPO_ROOT, tiny_flags, write_aligned_dataset
 from p2p_jax import parallel
 
 LOSSES = ('D_fake', 'D_real', 'G_GAN', 'G_L1')
@@ -43,13 +43,10 @@ def environment(num_devices: int) -> dict:
 def command(workdir: str, data_dir: str, num_steps: int, *overrides: str) -> list:
   """The CLI on the tiny config: global batch 4, a loss line every step."""
   return [sys.executable, '-m', 'p2p_jax.main', '--config=configs/default.py',
-          f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}',
-          '--config.model.netG=unet_32', '--config.model.ngf=8', '--config.model.ndf=8',
-          '--config.load_size=32', '--config.crop_size=32', '--config.batch_size=4',
-          '--config.num_workers=0', f'--config.num_train_steps={num_steps}',
-          '--config.log_every_steps=1', '--config.image_every_steps=1000',
-          '--config.checkpoint_every_steps=1000',
-          '--config.distributed.heartbeat_timeout_seconds=10', *overrides]
+          f'--workdir={workdir}', '--heartbeat_timeout_seconds=10',
+          *tiny_flags(**{'data.data_dir': data_dir, 'data.batch_size': 4,
+                         'optim.num_train_steps': num_steps, 'log_every_steps': 1,
+                         'checkpoint_every_steps': 1000}), *overrides]
 
 
 class Run:
@@ -96,9 +93,9 @@ class Run:
 def two_processes(workdir, data_dir, num_steps, log_dir, *overrides) -> Run:
   address = f'127.0.0.1:{free_port()}'
   commands = [command(workdir, data_dir, num_steps, *overrides,
-                      f'--config.distributed.coordinator_address={address}',
-                      '--config.distributed.num_processes=2',
-                      f'--config.distributed.process_id={i}') for i in range(2)]
+                      f'--coordinator_address={address}',
+                      '--num_processes=2',
+                      f'--process_id={i}') for i in range(2)]
   return Run(commands, environment(2), log_dir)
 
 
@@ -124,17 +121,15 @@ def assert_close(first: dict, second: dict, steps) -> None:
                                  err_msg=f'{k} at step {step}')
 
 
-def test_distributed_settings_come_from_the_config_then_the_environment(monkeypatch):
-  config = load_config('default').distributed
+def test_distributed_settings_come_from_the_flags_then_the_environment(monkeypatch):
   for variable in parallel.ENV_VARS.values():
     monkeypatch.delenv(variable, raising=False)
-  assert parallel.distributed_settings(config) == dict(
+  assert parallel.distributed_settings() == dict(
       coordinator_address=None, num_processes=None, process_id=None)  # Auto-detected.
   monkeypatch.setenv('P2P_COORDINATOR_ADDRESS', '10.0.0.1:1234')
   monkeypatch.setenv('P2P_NUM_PROCESSES', '4')
   monkeypatch.setenv('P2P_PROCESS_ID', '0')
-  config.process_id = 3
-  assert parallel.distributed_settings(config) == dict(
+  assert parallel.distributed_settings(process_id=3) == dict(
       coordinator_address='10.0.0.1:1234', num_processes=4, process_id=3)
 
 

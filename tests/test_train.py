@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO_ROOT, write_aligned_dataset
+from conftest import REPO_ROOT, tiny_flags, write_aligned_dataset
 
 
 def main_command(workdir, config='configs/default.py', *overrides):
@@ -21,12 +21,8 @@ def main_command(workdir, config='configs/default.py', *overrides):
 
 
 def tiny_overrides(data_dir, num_steps, checkpoint_every):
-  return [f'--config.dataset.data_dir={data_dir}', '--config.model.netG=unet_32',
-          '--config.model.ngf=8', '--config.model.ndf=8', '--config.load_size=36',
-          '--config.crop_size=32', '--config.batch_size=2', '--config.num_workers=0',
-          f'--config.num_train_steps={num_steps}', '--config.log_every_steps=5',
-          f'--config.checkpoint_every_steps={checkpoint_every}',
-          '--config.image_every_steps=1000', '--config.max_to_keep=2']
+  return tiny_flags(**{'data.data_dir': data_dir, 'optim.num_train_steps': num_steps,
+                       'checkpoint_every_steps': checkpoint_every})
 
 
 def run(command, timeout=600):
@@ -62,8 +58,8 @@ def read_event_tags(logdir):
 
 def test_readme_demo_command_trains_and_leaves_checkpoint_and_events(tmp_path, demo_dir):
   workdir = str(tmp_path / 'demo')
-  result = run(main_command(workdir, 'configs/demo.py', '--config.num_train_steps=4',
-                            f'--config.dataset.data_dir={demo_dir}'))
+  result = run(main_command(workdir, 'configs/demo.py', '--config.optim.num_train_steps=4',
+                            f'--config.data.data_dir={demo_dir}'))
   assert result.returncode == 0, result.stderr[-5000:]
   assert saved_steps(workdir) == [4]
   acc = read_event_tags(workdir)
