@@ -107,9 +107,9 @@ def _step_result(config, runner: StepRunner, batch_size: int, times: list[float]
       'conv_impl': layers.resolve_impl(config.model.conv_impl, jax.default_backend()),
       'compute_dtype': config.compute_dtype,
       'size': config.data.crop_size, 'batch_size': batch_size, 'steps': len(times),
-      'median_s_per_step': round(median, 4), 'images_per_sec': round(batch_size / median, 3),
-      'compile_s': round(runner.compile_s, 2), 'step_gflops': round(runner.flops / 1e9, 2),
-      'achieved_gflops_per_sec': round(runner.flops / 1e9 / median, 1),
+      'median_s_per_step': round(median, 5), 'images_per_sec': round(batch_size / median, 3),
+      'compile_s': round(runner.compile_s, 2), 'step_gflops': round(runner.flops / 1e9, 3),
+      'achieved_gflops_per_sec': round(runner.flops / 1e9 / median, 2),
       'page_faults_per_step': runner.page_faults // max(len(times), 1),
       **peak_memory(), 'devices': _devices(),
   }
