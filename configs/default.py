@@ -78,4 +78,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.translate.input_dir = ''
   config.translate.output_dir = ''
   config.translate.resize = True  # Resize inputs to crop_size (and outputs back).
+  config.translate.overwrite = False  # Replace existing files in output_dir.
   return config

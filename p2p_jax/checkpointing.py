@@ -12,9 +12,14 @@ generator without touching the rest:
 A checkpoint converted from PyTorch without a discriminator holds only ``generator`` and
 ``config``: it serves evaluation and translation. Restores always pass a target tree with this
 run's shardings, so a checkpoint saved on N devices restores on M.
+
+Resuming compares the checkpoint's config with the run's (:func:`check_config_changes`). A
+step that fails to restore is moved to ``WORKDIR/checkpoints_set_aside/`` (never deleted) and
+the one before it is tried; evaluation, which only reads, skips to the one before.
 """
 import json
 import os
+import time
 from typing import Any, Callable, Optional
 
 import grain
@@ -24,8 +29,22 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
+from flax import traverse_util
 
 GENERATOR_VARIABLES = ('params', 'batch_stats')
+SET_ASIDE_DIR = 'checkpoints_set_aside'
+# Config fields that fix the parameters' shapes: a checkpoint cannot restore with others.
+SHAPE_FIELDS = ('model.netG', 'model.netD', 'model.n_layers_D', 'model.ngf', 'model.ndf',
+                'model.norm', 'data.input_nc', 'data.output_nc')
+# Config fields that leave the training trajectory alone (or only bits of its rounding).
+NEUTRAL_FIELDS = ('log_every_steps', 'checkpoint_every_steps', 'image_every_steps',
+                  'num_image_examples', 'max_to_keep', 'profile', 'optim.num_train_steps',
+                  'data.eval_split', 'data.prefetch_buffer_size', 'model.conv_impl')
+NEUTRAL_SECTIONS = ('eval.', 'translate.')
+
+
+class ConfigChangeError(ValueError):
+  """The run's config differs from the checkpoint's where resuming it would be wrong."""
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -36,9 +55,13 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 
 def create_manager(workdir: str, max_to_keep: Optional[int] = None) -> ocp.CheckpointManager:
-  """An async CheckpointManager in ``WORKDIR/checkpoints`` (max_to_keep None keeps all)."""
+  """An async CheckpointManager in ``WORKDIR/checkpoints`` (max_to_keep None keeps all).
+
+  Half-written steps (a save cut short) are removed when it starts.
+  """
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=True)
+                                         enable_async_checkpointing=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -127,9 +150,116 @@ def _own_iterator_state_saved(manager: ocp.CheckpointManager, step: int) -> bool
   return (manager.directory / str(step) / 'data_iterator' / name).exists()
 
 
+def _flat_config(config_dict: dict) -> dict:
+  # Through JSON, as the checkpoint stores it (tuples become lists).
+  return traverse_util.flatten_dict(json.loads(json.dumps(config_dict)), sep='.')
+
+
+def check_config_changes(saved: dict, config: ml_collections.ConfigDict, path,
+                         accept: bool, has_data_position: bool = True) -> None:
+  """Compares the run's config with the one checkpoint ``path`` was saved with.
+
+  Args:
+    saved: the checkpoint's config (as a dict).
+    config: the run's config.
+    path: the checkpoint, for messages.
+    accept: resume despite changes to fields that change the training trajectory (they
+      are then logged as a warning).
+    has_data_position: False for a checkpoint without a data position (converted weights):
+      nothing was trained from it yet, so only the shapes must match.
+
+  Raises:
+    ConfigChangeError: a field that fixes a shape changed; or, unless ``accept``, a field
+      that changes the training trajectory.
+  """
+  before, after = _flat_config(saved), _flat_config(config.to_dict())
+  changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+  describe = lambda keys: ', '.join(f'{k}: {before.get(k, "(unset)")!r} -> '
+                                    f'{after.get(k, "(unset)")!r}' for k in keys)
+  shape = [k for k in changed if k in SHAPE_FIELDS]
+  if shape:
+    raise ConfigChangeError(
+        f'The config changes the model of checkpoint {path} ({describe(shape)}); its weights '
+        'cannot be restored into that model. Resume with the saved values, or start a new run '
+        'in another --workdir.')
+  neutral = [k for k in changed if k in NEUTRAL_FIELDS or k.startswith(NEUTRAL_SECTIONS)]
+  trajectory = [k for k in changed if k not in neutral]
+  if neutral:
+    logging.info('Config changes since checkpoint %s: %s', path, describe(neutral))
+  if trajectory and has_data_position:
+    if not accept:
+      raise ConfigChangeError(
+          f'The config differs from checkpoint {path} in fields that change the training '
+          f'({describe(trajectory)}), so the run would not continue as it was. Resume with '
+          'the saved values, or pass --accept_config_changes to continue with the new ones.')
+    logging.warning('Resuming %s with a changed config: %s', path, describe(trajectory))
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  """Moves checkpoint ``step`` out of the manager's sight, next to the checkpoints folder."""
+  target_dir = manager.directory.parent / SET_ASIDE_DIR
+  target_dir.mkdir(parents=True, exist_ok=True)
+  target = target_dir / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+  (manager.directory / str(step)).rename(target)
+  manager.reload()
+  return target
+
+
+def _one_line(error: BaseException) -> str:
+  text = ' '.join(str(error).split())
+  return f'{type(error).__name__}: {text[:400]}{"..." if len(text) > 400 else ""}'
+
+
+def _restore_step(manager, step: int, init_state, sharding, create_iterator, config, accept):
+  """``restore_or_initialize`` for one step; errors of a damaged step name its item."""
+  path = manager.directory / str(step)
+  items = _saved_items(manager, step)
+  if 'train_state' not in items:
+    raise ValueError(f'Checkpoint {path} holds no train state (items: {sorted(items)}), so '
+                     'training cannot resume from it. A checkpoint converted from PyTorch '
+                     'without --torch_discriminator only serves --mode=eval and translate.')
+
+  def restore(item, args):
+    try:
+      return manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+    except Exception as e:  # Orbax and grain raise many types for damaged files.
+      raise _DamagedStep(item, e) from e
+
+  if config is not None and 'config' in items:
+    check_config_changes(restore('config', ocp.args.JsonRestore()), config, path, accept,
+                         has_data_position='data_iterator' in items)
+  abstract_state = jax.eval_shape(init_state)
+  abstract_generator, abstract_rest = _split_state(abstract_state)
+  generator = restore('generator', ocp.args.StandardRestore(_abstract(abstract_generator,
+                                                                      sharding)))
+  tree = restore('train_state', ocp.args.StandardRestore(_abstract(abstract_rest, sharding)))
+  tree['generator'].update(generator)
+  if 'data_iterator' not in items:
+    logging.info('Checkpoint %s has no data position: the input pipeline starts at the '
+                 'beginning.', path)
+    data_iterator = create_iterator(0)
+  elif _own_iterator_state_saved(manager, step):
+    data_iterator = create_iterator(0)
+    restore('data_iterator', grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iterator)))
+  else:
+    logging.warning('Checkpoint %s was saved by another number of processes: the input '
+                    'pipeline resumes at global batch %d.', path, step)
+    data_iterator = create_iterator(step)
+  logging.info('Restored the train state from %s', path)
+  return serialization.from_state_dict(abstract_state, tree), data_iterator
+
+
+class _DamagedStep(Exception):
+  def __init__(self, item: str, error: BaseException):
+    super().__init__(f'item {item!r}: {_one_line(error)}')
+    self.item = item
+
+
 def restore_or_initialize(manager: ocp.CheckpointManager, init_state: Callable[[], Any],
-                          sharding, create_iterator: Callable[[int], Any]) -> tuple[Any, Any]:
-  """The train state and the data stream of the latest checkpoint, or fresh ones.
+                          sharding, create_iterator: Callable[[int], Any],
+                          config: Optional[ml_collections.ConfigDict] = None,
+                          accept_config_changes: bool = False) -> tuple[Any, Any]:
+  """The train state and the data stream of the latest good checkpoint, or fresh ones.
 
   Where the data stream starts:
 
@@ -139,51 +269,46 @@ def restore_or_initialize(manager: ocp.CheckpointManager, init_state: Callable[[
     on the process count, unless files were skipped);
   * no data position (e.g. a converted checkpoint): from global batch 0.
 
+  A step that fails to restore is set aside (moved to ``WORKDIR/checkpoints_set_aside``)
+  and the previous one is tried.
+
   Args:
     manager: the run's manager.
     init_state: ``() -> TrainState`` placed with ``sharding``; only called without a
       checkpoint, and traced (not run) for the restore target otherwise.
     sharding: where restored arrays go (replicated over this run's mesh).
     create_iterator: ``start_step -> grain iterator``.
+    config: the run's config, compared with the checkpoint's (None: not compared).
+    accept_config_changes: see :func:`check_config_changes`.
 
   Returns:
     ``(state, data_iterator)``.
   """
-  step = manager.latest_step()
-  if step is None:
-    return init_state(), create_iterator(0)
-  path = manager.directory / str(step)
-  items = _saved_items(manager, step)
-  if 'train_state' not in items:
-    raise ValueError(f'Checkpoint {path} holds no train state (items: {sorted(items)}), so '
-                     'training cannot resume from it. A checkpoint converted from PyTorch '
-                     'without --torch_discriminator only serves --mode=eval and translate.')
-  abstract_state = jax.eval_shape(init_state)
-  abstract_generator, abstract_rest = _split_state(abstract_state)
-  restore = dict(generator=ocp.args.StandardRestore(_abstract(abstract_generator, sharding)),
-                 train_state=ocp.args.StandardRestore(_abstract(abstract_rest, sharding)))
-  if 'data_iterator' not in items:
-    logging.info('Checkpoint %s has no data position: the input pipeline starts at the '
-                 'beginning.', path)
-    data_iterator = create_iterator(0)
-  elif _own_iterator_state_saved(manager, step):
-    data_iterator = create_iterator(0)
-    restore['data_iterator'] = grain.checkpoint.CheckpointRestore(
-        _IteratorRestorer(data_iterator))
-  else:
-    logging.warning('Checkpoint %s was saved by another number of processes: the input '
-                    'pipeline resumes at global batch %d.', path, step)
-    data_iterator = create_iterator(step)
-  restored = manager.restore(step, args=ocp.args.Composite(**restore))
-  tree = restored['train_state']
-  tree['generator'].update(restored['generator'])
-  logging.info('Restored the train state from %s', path)
-  return serialization.from_state_dict(abstract_state, tree), data_iterator
+  set_aside = []
+  while (step := manager.latest_step()) is not None:
+    try:
+      return _restore_step(manager, step, init_state, sharding, create_iterator, config,
+                           accept_config_changes)
+    except _DamagedStep as e:
+      if jax.process_count() > 1:  # Setting a step aside needs every process to agree.
+        raise ValueError(f'Checkpoint {manager.directory / str(step)} could not be restored '
+                         f'({e}); move it out of {manager.directory} and restart.') from e
+      set_aside.append(_set_aside(manager, step))
+      logging.warning('Checkpoint step %d could not be restored (%s); moved it to %s and '
+                      'trying the one before.', step, e, set_aside[-1])
+  if set_aside:
+    raise ValueError(f'No checkpoint in {manager.directory} could be restored; they are in '
+                     f'{set_aside[0].parent}. Run again to start from scratch.')
+  return init_state(), create_iterator(0)
 
 
 def restore_generator(workdir: str, abstract_variables: dict, sharding,
                       step: Optional[int] = None) -> tuple[dict, int]:
   """Restores the generator's ``{'params', 'batch_stats'}`` alone (no optimizer state).
+
+  Read-only, so it may run beside a trainer: for the latest step, a step that fails to
+  restore (damaged, or deleted by the trainer's ``max_to_keep`` meanwhile) is skipped for
+  the one before, with a warning.
 
   Args:
     workdir: the run's workdir.
@@ -198,22 +323,27 @@ def restore_generator(workdir: str, abstract_variables: dict, sharding,
   if not directory.is_dir():
     raise FileNotFoundError(f'No checkpoints in {directory}: train first, or point --workdir '
                             'at a run (or a converted PyTorch checkpoint).')
-  manager = ocp.CheckpointManager(directory)
-  steps = manager.all_steps()
-  if step is None:
-    if not steps:
-      raise FileNotFoundError(f'No complete checkpoint in {directory}.')
-    step = max(steps)
-  elif step not in steps:
-    raise FileNotFoundError(f'No checkpoint for step {step} in {directory}; '
-                            f'available steps: {sorted(steps)}.')
-  path = manager.directory / str(step)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True))
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        generator=ocp.args.StandardRestore(_abstract(abstract_variables, sharding))))
-  except Exception as e:  # Orbax raises many types; name the checkpoint and the cause.
-    raise ValueError(f'Could not restore the generator from checkpoint {path}: {e}. Is it '
-                     'corrupt, or was it trained with a different config.model?') from e
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f'No checkpoint for step {step} in {directory}; '
+                              f'available steps: {sorted(steps)}.')
+    candidates = steps if step is None else [step]
+    if not candidates:
+      raise FileNotFoundError(f'No complete checkpoint in {directory}.')
+    target = ocp.args.Composite(
+        generator=ocp.args.StandardRestore(_abstract(abstract_variables, sharding)))
+    for i, candidate in enumerate(candidates):
+      path = directory / str(candidate)
+      try:
+        return manager.restore(candidate, args=target)['generator'], candidate
+      except Exception as e:  # Orbax raises many types; name the checkpoint and the cause.
+        error = (f'Could not restore the generator from checkpoint {path} ({_one_line(e)}). '
+                 'Is it damaged, or was it trained with a different config.model?')
+        if i + 1 == len(candidates):
+          raise ValueError(error) from e
+        logging.warning('%s Trying step %d.', error, candidates[i + 1])
   finally:
     manager.close()
-  return restored['generator'], step

@@ -91,6 +91,8 @@ def open_image(data: str | bytes, what: str) -> Image.Image:
     image.load()  # Decode now, so a truncated file fails here and not later.
   except FileNotFoundError as e:
     raise BadImageError(f'{what}: file not found') from e
+  except PermissionError as e:
+    raise BadImageError(f'{what}: permission denied (cannot read the file)') from e
   except Image.UnidentifiedImageError as e:
     raise BadImageError(f'{what}: not an image file PIL can read (empty or corrupt?)') from e
   except (OSError, SyntaxError, ValueError) as e:

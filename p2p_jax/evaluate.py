@@ -203,9 +203,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from p2p_jax import input_pipeline  # Imports grain/tfds; only the eval mode needs it.
   mode, num_samples = config.eval.mode, config.eval.num_samples
   models.check_eval_mode(mode)
-  if num_samples < 1 or (num_samples > 1 and mode != 'paper'):
-    raise ValueError(f'config.eval.num_samples={num_samples} must be 1, or more with '
-                     f"config.eval.mode='paper' (mode {mode!r} is deterministic).")
+  if num_samples < 1:
+    raise ValueError(f'config.eval.num_samples={num_samples} must be at least 1.')
+  if num_samples > 1 and mode != 'paper':
+    raise ValueError(f'config.eval.num_samples={num_samples} needs config.eval.mode='
+                     f"'paper': mode {mode!r} is deterministic, so its samples would be equal.")
   mesh = parallel.create_mesh()
   batch_size = config.eval.batch_size
   parallel.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
@@ -267,6 +269,23 @@ def _read_image(data: bytes, path: str, channels: int, size: Optional[int]) -> n
   return images.to_float(array)
 
 
+def _check_outputs_spare_inputs(input_dir: str, output_dir: str, outputs: list,
+                                overwrite: bool) -> None:
+  """Refuses an output folder that is the input folder, or that holds outputs already."""
+  def resolved(path):
+    return path if '://' in path else os.path.realpath(path)
+
+  if resolved(input_dir) == resolved(output_dir):
+    raise ValueError(f'config.translate.output_dir is the input folder {input_dir}: the '
+                     'translations would overwrite PNG inputs. Use another output folder.')
+  existing = [p for p in outputs if epath.Path(p).exists()]
+  if existing and not overwrite:
+    raise FileExistsError(
+        f'config.translate.output_dir {output_dir} already holds {len(existing)} of the '
+        f'outputs (e.g. {os.path.basename(existing[0])}); use an empty folder, or set '
+        '--config.translate.overwrite=True to replace them.')
+
+
 def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
   """Translates every image in ``config.translate.input_dir`` to ``output_dir/<stem>.png``.
 
@@ -291,7 +310,12 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
     raise FileNotFoundError(f'config.translate.input_dir {input_dir} is not a directory.')
   paths = sorted(os.fspath(f) for f in epath.Path(input_dir).iterdir()
                  if not f.name.startswith('.') and not f.is_dir())
+  if not paths:
+    raise FileNotFoundError(f'config.translate.input_dir {input_dir} holds no files to '
+                            'translate.')
   stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  outputs = [os.path.join(output_dir, f'{stem}.png') for stem in stems]
+  _check_outputs_spare_inputs(input_dir, output_dir, outputs, config.translate.overwrite)
   seen = set()
   for stem in stems:
     _add_unique(seen, stem, f'files of {input_dir} (without extension)')
@@ -324,7 +348,6 @@ def translate(config: ml_collections.ConfigDict, workdir: str) -> list:
   is_writer = jax.process_index() == 0
   if is_writer:
     epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
-  outputs = [os.path.join(output_dir, f'{stem}.png') for stem in stems]
   for indices in groups.values():
     for start in range(0, len(indices), batch_size):
       batch = indices[start:start + batch_size]

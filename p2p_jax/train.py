@@ -1,6 +1,8 @@
 """pix2pix training: the state, the LR schedule and the jitted, sharded train step."""
 import functools
+import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -224,26 +226,34 @@ def make_train_step(pix2pix: Pix2Pix, mesh, lr_fn: Callable):
 
 
 class _StopRequest:
-  """Set by SIGTERM (how TPU VMs and SLURM preempt): finish the step, save, exit cleanly.
+  """Set by SIGTERM (how TPU VMs and SLURM preempt) or Ctrl-C: finish the step, save, exit 0.
 
-  With several processes, jax's preemption sync manager catches SIGTERM instead (see
+  A second Ctrl-C exits at once: a save in flight is left unfinished, and the manager removes
+  it at the next start, so the last complete checkpoint stays the latest. With several
+  processes, jax's preemption sync manager catches SIGTERM instead (see
   ``parallel.agree_to_stop``), so no Python handler is installed there.
   """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
     if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning('Received signal %d: stopping after this step, with a checkpoint.', signum)
+    if self.requested and signum == signal.SIGINT:
+      print('Interrupted again: exiting now, without saving.', file=sys.stderr, flush=True)
+      os._exit(130)  # pylint: disable=protected-access
+    name = signal.Signals(signum).name
+    logging.warning('%s: stopping after this step, with a checkpoint (Ctrl-C again to exit '
+                    'without saving).', name)
     self.requested = True
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -305,16 +315,20 @@ def _write_images(writer, state: TrainState, examples: dict, step: int,
   return l1
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       accept_config_changes: bool = False) -> TrainState:
   """Trains pix2pix, resuming from the latest checkpoint in ``workdir/checkpoints``.
 
   Args:
     config: the experiment config (configs/*.py).
     workdir: checkpoints, TensorBoard event files and the config go here.
+    accept_config_changes: resume even where the config changes the training trajectory
+      (see ``checkpointing.check_config_changes``).
 
   Returns:
     The final train state.
   """
+  input_pipeline.validate_config(config)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.data.batch_size, mesh)
   num_train = input_pipeline.num_examples(config, config.data.train_split)
@@ -331,7 +345,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       manager, lambda: create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed),
                                           replicated),
       replicated,
-      lambda start_step: input_pipeline.create_train_iterator(config, config.seed, start_step))
+      lambda start_step: input_pipeline.create_train_iterator(config, config.seed, start_step),
+      config, accept_config_changes)
   start_step = int(state.step)
 
   is_chief = jax.process_index() == 0
@@ -390,6 +405,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   finally:
     stop.restore()
     manager.wait_until_finished()  # Never exit with a save half-written.
+    manager.close()
+    if hasattr(train_iter, 'close'):  # Ends grain's worker processes and their shared memory.
+      train_iter.close()
     writer.flush()
   if stop.requested:
     logging.warning('Stopped at step %d on request; resume by running the same command.',

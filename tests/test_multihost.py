@@ -206,7 +206,7 @@ def test_two_process_checkpoint_resumes_in_one_process_on_one_device(two_process
   log = run.log(0)
   assert returncode == 0, log[-5000:]
   assert 'Process 0 of 1; 1 local / 1 global devices' in log
-  assert f'Restored train state from {workdir}/checkpoints/{step}' in log
+  assert f'Restored the train state from {workdir}/checkpoints/{step}' in log
   assert f'input pipeline resumes at global batch {step}' in log
   # Same weights, optimizer state and next global batch as the uninterrupted run.
   assert sorted(losses(log)) == [step + 1]
