@@ -33,7 +33,7 @@ from absl import flags
 from absl import logging
 from PIL import Image
 
-from p2p_jax import datasets, images
+from p2p_jax import datasets, images, parallel
 
 PREPROCESS_OPTIONS = ('resize_and_crop', 'crop', 'scale_width', 'scale_width_and_crop',
                       'none')
@@ -103,6 +103,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
     position exactly; restore with the same config, ``num_workers`` and process count.
   """
   validate_config(config)
+  parallel.check_batch_splits_over_processes(config.data.batch_size)
   source = datasets.get_source(config, config.data.train_split)
   host_batch = config.data.batch_size // jax.process_count()
   # The same seed on every process: all build the same global sequence (see HostRows). The

@@ -33,13 +33,19 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch_size: int, mesh: Mesh,
                      option: str = 'config.data.batch_size') -> None:
   """Raises a clear error unless the global batch splits evenly over devices and processes."""
+  check_batch_splits_over_processes(global_batch_size, option)
   num_devices = mesh.devices.size
-  if not isinstance(global_batch_size, int) or global_batch_size <= 0:
-    raise ValueError(f'{option}={global_batch_size!r} must be a positive integer.')
   if global_batch_size % num_devices:
     raise ValueError(
         f'{option}={global_batch_size} is not divisible by the {num_devices} devices of the '
         f'mesh; use a multiple of {num_devices}.')
+
+
+def check_batch_splits_over_processes(global_batch_size: int,
+                                      option: str = 'config.data.batch_size') -> None:
+  """Raises a clear error unless the global batch is positive and splits over processes."""
+  if not isinstance(global_batch_size, int) or global_batch_size <= 0:
+    raise ValueError(f'{option}={global_batch_size!r} must be a positive integer.')
   if global_batch_size % jax.process_count():
     raise ValueError(f'{option}={global_batch_size} is not divisible by the '
                      f'{jax.process_count()} processes.')

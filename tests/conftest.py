@@ -31,12 +31,17 @@ def make_tiny_config(**overrides):
   """The default config at ``TINY`` shapes, then ``overrides`` (``{'model.ngf': 4}`` style)."""
   config = load_config('default')
   for key, value in {**TINY, **overrides}.items():
-    *parents, name = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
+    set_field(config, key, value)
   return config
+
+
+def set_field(config, key: str, value) -> None:
+  """Sets the dotted field ``key`` (``'model.ngf'``) of ``config``."""
+  *parents, name = key.split('.')
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[name] = value
 
 
 def tiny_flags(**overrides) -> list:

@@ -8,6 +8,7 @@ import pytest
 from absl import logging
 from PIL import Image
 
+from conftest import set_field
 from p2p_jax import datasets, input_pipeline
 
 
@@ -125,19 +126,15 @@ def test_eval_dataset_is_deterministic_resized_and_named(aligned_config):
 
 
 @pytest.mark.parametrize('option,value,match', [
-    ('preprocess', 'resize', 'config.data.preprocess=.*must be one of'),
-    ('dataset.direction', 'AtoC', 'config.data.direction=.*AtoB'),
-    ('input_nc', 2, 'config.data.input_nc=2'),
-    ('batch_size', 0, 'config.data.batch_size=0'),
-    ('num_workers', -1, 'config.data.num_workers=-1'),
-    ('crop_size', 64, 'config.data.crop_size=64: must be <= config.data.load_size'),
+    ('data.preprocess', 'resize', 'config.data.preprocess=.*must be one of'),
+    ('data.direction', 'AtoC', 'config.data.direction=.*AtoB'),
+    ('data.input_nc', 2, 'config.data.input_nc=2'),
+    ('data.batch_size', 0, 'config.data.batch_size=0'),
+    ('data.num_workers', -1, 'config.data.num_workers=-1'),
+    ('data.crop_size', 64, 'config.data.crop_size=64: must be <= config.data.load_size'),
 ])
 def test_invalid_options_are_errors_naming_the_option(aligned_config, option, value, match):
-  *parents, key = option.split('.')
-  node = aligned_config
-  for parent in parents:
-    node = node[parent]
-  node[key] = value
+  set_field(aligned_config, option, value)
   with pytest.raises(ValueError, match=match):
     input_pipeline.create_train_iterator(aligned_config, seed=0)
 
