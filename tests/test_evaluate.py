@@ -272,9 +272,9 @@ def test_translate_rejects_a_size_the_generator_cannot_take_without_resize(run, 
   config.translate.resize = False
   with pytest.raises(ValueError, match=r'odd.png is 30x32.*multiples of 4.*translate.resize'):
     evaluate.translate(config, run.base_workdir)
-  assert evaluate.required_multiple('unet_256') == 256
-  assert evaluate.required_multiple('unet_128') == 128
-  assert evaluate.required_multiple('unet_32') == 32
+  assert models.required_multiple('unet_256') == 256
+  assert models.required_multiple('unet_128') == 128
+  assert models.required_multiple('unet_32') == 32
 
 
 _TWO_DEVICE_SCRIPT = textwrap.dedent('''
