@@ -17,8 +17,10 @@ Resuming compares the checkpoint's config with the run's (:func:`check_config_ch
 step that fails to restore is moved to ``WORKDIR/checkpoints_set_aside/`` (never deleted) and
 the one before it is tried; evaluation, which only reads, skips to the one before.
 """
+import errno
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable, Optional
 
@@ -112,6 +114,7 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
     Whether a save was started.
   """
   generator, rest = _split_state(state)
+  check_free_space(str(manager.directory), (generator, rest), int(state.step))
   items = dict(generator=ocp.args.StandardSave(generator),
                train_state=ocp.args.StandardSave(rest),
                config=ocp.args.JsonSave(config.to_dict()))
@@ -120,10 +123,32 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
   return manager.save(int(state.step), args=ocp.args.Composite(**items), force=force)
 
 
+def check_free_space(directory: str, tree, step: int) -> None:
+  """Refuses a save that cannot fit before orbax writes a byte, so earlier steps stay whole.
+
+  Needs the arrays' bytes plus a margin for OCDBT's index and the metadata; on a shared file
+  system each process checks the space it sees. Remote paths (``gs://``) are not checked.
+  """
+  if '://' in directory:
+    return
+  existing = directory
+  while not os.path.isdir(existing):
+    existing = os.path.dirname(existing) or '.'
+  needed = int(1.1 * sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(tree))) + (1 << 20)
+  free = shutil.disk_usage(existing).free
+  if free < needed:
+    raise OSError(errno.ENOSPC,
+                  f'No space left on device for checkpoint {step} in {directory}: '
+                  f'{free / 2**20:.1f} MiB free, it needs about {needed / 2**20:.1f} MiB; '
+                  'the earlier checkpoints are kept. Free some space and run the same command '
+                  'to resume')
+
+
 def save_generator(workdir: str, step: int, config: ml_collections.ConfigDict,
                    variables: dict) -> None:
   """Writes a checkpoint holding G's variables alone (e.g. converted weights) and waits."""
   manager = create_manager(workdir)
+  check_free_space(str(manager.directory), variables, step)
   manager.save(step, args=ocp.args.Composite(generator=ocp.args.StandardSave(variables),
                                              config=ocp.args.JsonSave(config.to_dict())),
                force=True)

@@ -59,18 +59,32 @@ class _QuietOrbaxInfo:
     return record.levelno > std_logging.INFO or '/orbax/' not in record.pathname
 
 
-def _is_expected(error: BaseException) -> bool:
+def _is_disk_full(error: BaseException) -> bool:
+  return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _expected_error(error: BaseException):
+  """The error to report in one line, or None for a bug (which keeps its traceback).
+
+  A full disk is found anywhere in the chain: a writer flushed on the way out may raise over it.
+  """
   from p2p_jax import workdir_lock  # pylint: disable=g-import-not-at-top
   if isinstance(error, (*_EXPECTED_ERRORS, workdir_lock.WorkdirLockedError)):
-    return True
-  return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return error
+  cause = error
+  while cause is not None:
+    if _is_disk_full(cause):
+      return cause
+    cause = cause.__cause__ or cause.__context__
+  return None
 
 
 def _log_to_workdir(path: str, config) -> None:
   """Appends this run's log (and its full config) to ``path``."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   handler = std_logging.FileHandler(path)
-  handler.setFormatter(std_logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+  handler.setFormatter(logging.PythonFormatter())  # The console's absl line format.
+  handler.addFilter(_QuietOrbaxInfo())
   std_logging.getLogger().addHandler(handler)
   with open(path, 'a') as f:
     f.write(f'\n=== {" ".join(sys.argv)}\nConfig:\n{config}\n')
@@ -116,15 +130,19 @@ def main(argv):
   try:
     run(FLAGS.config, workdir, FLAGS.mode, log_path)
   except Exception as e:  # pylint: disable=broad-except
-    if not _is_expected(e):
+    expected = _expected_error(e)
+    if expected is None:
       raise
     logged = os.path.isfile(log_path)
     if logged:
-      with open(log_path, 'a') as f:
-        traceback.print_exc(file=f)
+      try:
+        with open(log_path, 'a') as f:
+          traceback.print_exc(file=f)
+      except OSError:  # The log's disk may be the full one.
+        logged = False
     where = f' (details: {log_path})' if logged else ''
     sys.stdout.flush()
-    print(f'ERROR: {e}{where}', file=sys.stderr, flush=True)
+    print(f'ERROR: {expected}{where}', file=sys.stderr, flush=True)
     # Without unwinding: orbax's and grain's background threads would print shutdown noise.
     os._exit(1)  # pylint: disable=protected-access
 

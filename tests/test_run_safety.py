@@ -191,7 +191,7 @@ def test_translate_refuses_to_write_over_its_inputs(tmp_path, trained, data_dir)
 def test_full_disk_is_one_error_line_and_earlier_checkpoints_stay(tmp_path, trained, data_dir):
   mount_point = tmp_path / 'small_disk'
   mount_point.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3M', 'tmpfs', str(mount_point)],
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=12M', 'tmpfs', str(mount_point)],
                     capture_output=True).returncode != 0:
     pytest.skip('mounting a small tmpfs needs root')
   try:
