@@ -41,7 +41,8 @@ SHAPE_FIELDS = ('model.netG', 'model.netD', 'model.n_layers_D', 'model.ngf', 'mo
 # Config fields that leave the training trajectory alone (or only bits of its rounding).
 NEUTRAL_FIELDS = ('log_every_steps', 'checkpoint_every_steps', 'image_every_steps',
                   'num_image_examples', 'max_to_keep', 'profile', 'optim.num_train_steps',
-                  'data.eval_split', 'data.prefetch_buffer_size', 'model.conv_impl')
+                  'data.eval_split', 'data.prefetch_buffer_size', 'data.cache', 'data.cache_dir',
+                  'model.conv_impl')
 NEUTRAL_SECTIONS = ('eval.', 'translate.')
 
 

@@ -3,7 +3,7 @@
 Training::
 
   source (MapDataset) -> shuffle (reseeded each epoch) -> decode (PIL)
-    -> random_map jitter (the official --preprocess, flip, [-1, 1]) -> repeat
+    -> random_map jitter (the official --preprocess and flip, uint8) -> repeat
     -> this process's rows of each global batch -> to_iter_dataset (threaded prefetch)
     -> batch (host share, drop_remainder) -> mp_prefetch (config.data.num_workers processes)
 
@@ -19,7 +19,12 @@ the element's global position, so the iterator's ``get_state()`` fully describes
 (A skipped file moves a process's later rows up by one, so only runs without skipped files
 keep exactly the same global batches on another number of processes.)
 Evaluation has no jitter: both images are resized to ``crop_size``.
+
+With ``config.data.cache`` the source is ``data_cache``'s decoded, resized uint8 arrays, built
+once per dataset and options: decode and resize leave the loop and jitter only crops and flips,
+with the same batches as without the cache.
 """
+import collections
 import functools
 import os
 import time
@@ -33,7 +38,7 @@ from absl import flags
 from absl import logging
 from PIL import Image
 
-from p2p_jax import datasets, images, parallel
+from p2p_jax import data_cache, datasets, images, parallel
 
 PREPROCESS_OPTIONS = ('resize_and_crop', 'crop', 'scale_width', 'scale_width_and_crop',
                       'none')
@@ -60,6 +65,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for option in ('load_size', 'crop_size', 'batch_size', 'prefetch_buffer_size'):
     check(isinstance(data[option], int) and data[option] > 0, option,
           'must be a positive integer')
+  check(isinstance(data.cache, bool), 'cache', 'must be True or False')
+  check(isinstance(data.cache_dir, str), 'cache_dir', "must be a folder path ('': default)")
   check(isinstance(data.num_workers, int) and data.num_workers >= 0, 'num_workers',
         'must be a non-negative integer (0: decode in the main process)')
   if data.preprocess in ('resize_and_crop', 'scale_width_and_crop'):
@@ -96,8 +103,9 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
       longer apply).
 
   Returns:
-    An iterator of host-local batches ``{'A': float32 (host_batch, crop, crop, input_nc),
-    'B': float32 (host_batch, crop, crop, output_nc)}`` in [-1, 1], host_batch =
+    An iterator of host-local batches ``{'A': uint8 (host_batch, crop, crop, input_nc),
+    'B': uint8 (host_batch, crop, crop, output_nc)}`` (the train step maps them to [-1, 1],
+    so every hop to the device carries a quarter of float32's bytes), host_batch =
     ``batch_size // process_count``. (With preprocess 'scale_width' or 'none' the spatial
     size follows the images.) ``get_state()`` / ``set_state()`` save and restore its
     position exactly; restore with the same config, ``num_workers`` and process count.
@@ -105,15 +113,19 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
   validate_config(config)
   parallel.check_batch_splits_over_processes(config.data.batch_size)
   source = datasets.get_source(config, config.data.train_split)
+  resize = functools.partial(resize_for_training, preprocess=config.data.preprocess,
+                             load_size=config.data.load_size, crop_size=config.data.crop_size)
+  if config.data.cache:
+    source = data_cache.get_or_build(config, config.data.train_split, source, resize)
   host_batch = config.data.batch_size // jax.process_count()
   # The same seed on every process: all build the same global sequence (see HostRows). The
   # derivation is fixed, as every run's batches depend on it.
   seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
   ds = grain.MapDataset.source(source.records).seed(seed).shuffle()
+  # Cached or not, the same chain (grain derives the jitter's seed from its depth in it).
   ds = ds.map(DecodeOrSkip(source.decode, config.data.skip_bad_images, len(ds)))
-  ds = ds.random_map(functools.partial(
-      jitter, preprocess=config.data.preprocess, load_size=config.data.load_size,
-      crop_size=config.data.crop_size, flip=config.data.flip))
+  ds = ds.random_map(functools.partial(jitter, resize=resize, preprocess=config.data.preprocess,
+                                       crop_size=config.data.crop_size, flip=config.data.flip))
   ds = ds.repeat(None)  # Reseeds shuffle and jitter with the epoch.
   ds = HostRows(ds, config.data.batch_size, jax.process_index(), jax.process_count(), start_step)
   ds = ds.to_iter_dataset(grain.ReadOptions(
@@ -145,6 +157,41 @@ def create_eval_dataset(config: ml_collections.ConfigDict, split: str) -> grain.
   ds = grain.MapDataset.source(source.records)
   ds = ds.map(DecodeOrSkip(source.decode, config.data.skip_bad_images, len(ds)))
   return ds.map(functools.partial(resize_for_eval, crop_size=config.data.crop_size))
+
+
+class DevicePrefetch:
+  """Keeps the next ``size`` global batches on the devices while the current step runs.
+
+  Each batch's transfer starts when it is queued, so a step never waits on host -> device
+  copies when the host keeps up. ``get_state()`` is the wrapped iterator's position after the
+  batches handed out so far, not after those still queued: a checkpoint resumes at the first
+  batch no step has seen.
+  """
+
+  def __init__(self, iterator, mesh, size: int = 2):
+    self._iterator = iterator
+    self._mesh = mesh
+    self._size = size
+    self._queue = collections.deque()
+    self._state = iterator.get_state()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    while len(self._queue) <= self._size:
+      batch = parallel.to_global(next(self._iterator), self._mesh)
+      self._queue.append((batch, self._iterator.get_state()))
+    batch, self._state = self._queue.popleft()
+    return batch
+
+  def get_state(self):
+    return self._state
+
+  def close(self) -> None:
+    self._queue.clear()
+    if hasattr(self._iterator, 'close'):  # Ends grain's worker processes and shared memory.
+      self._iterator.close()
 
 
 class HostRows(grain.MapDataset):
@@ -211,23 +258,20 @@ class DecodeOrSkip:
       return None
 
 
-def jitter(example: dict, rng: np.random.Generator, *, preprocess: str, load_size: int,
-           crop_size: int, flip: bool) -> dict:
-  """The official training ``--preprocess``, with one random crop and flip for A and B.
+def resize_for_training(example: dict, *, preprocess: str, load_size: int,
+                        crop_size: int) -> dict:
+  """The deterministic part of the official training ``--preprocess`` (what the cache stores).
 
   Args:
     example: ``{'A': PIL.Image, 'B': PIL.Image, 'name': str}``.
-    rng: grain's per-element generator.
-    preprocess: 'resize_and_crop' (bicubic resize to load_size x load_size, random
-      crop_size crop), 'crop' (random crop only), 'scale_width' (width to load_size, height
-      keeping the aspect ratio but at least crop_size), 'scale_width_and_crop' (then a
-      random crop), 'none' (sides rounded to a multiple of 4).
+    preprocess: 'resize_and_crop' (bicubic resize to load_size x load_size), 'crop' (none),
+      'scale_width' and 'scale_width_and_crop' (width to load_size, height keeping the aspect
+      ratio but at least crop_size), 'none' (sides rounded to a multiple of 4).
     load_size: the resize target.
     crop_size: the crop side.
-    flip: random horizontal flip.
 
   Returns:
-    ``{'A': float32 HWC, 'B': float32 HWC}`` in [-1, 1].
+    ``{'A': uint8 HWC, 'B': uint8 HWC, 'name': str}``.
   """
   a, b = example['A'], example['B']
   if preprocess == 'resize_and_crop':
@@ -240,7 +284,28 @@ def jitter(example: dict, rng: np.random.Generator, *, preprocess: str, load_siz
     w, h = a.size  # As the official __make_power_2 with base 4.
     size = (max(4, int(round(w / 4) * 4)), max(4, int(round(h / 4) * 4)))
     a, b = _resize(a, size), _resize(b, size)
-  a, b = _to_array(a), _to_array(b)
+  return {'A': _to_array(a), 'B': _to_array(b), 'name': example['name']}
+
+
+def jitter(example: dict, rng: np.random.Generator, *, resize, preprocess: str,
+           crop_size: int, flip: bool) -> dict:
+  """The official training preprocessing: ``resize``, then one random crop and flip for A, B.
+
+  Args:
+    example: ``{'A', 'B', 'name'}``: PIL images (``resize`` is applied), or uint8 arrays
+      already resized (from the cache).
+    rng: grain's per-element generator.
+    resize: ``resize_for_training`` with the config's options.
+    preprocess: the official option (those with 'crop' crop; the others do not).
+    crop_size: the crop side.
+    flip: random horizontal flip.
+
+  Returns:
+    ``{'A': uint8 HWC, 'B': uint8 HWC}``; the train step maps them to [-1, 1].
+  """
+  if not isinstance(example['A'], np.ndarray):
+    example = resize(example)
+  a, b = example['A'], example['B']
   # Drawn in the official order (crop x, crop y, flip), whether or not they are used.
   h, w = a.shape[:2]
   x = int(rng.integers(0, max(0, w - crop_size) + 1))
@@ -254,7 +319,7 @@ def jitter(example: dict, rng: np.random.Generator, *, preprocess: str, load_siz
     a, b = a[y:y + crop_size, x:x + crop_size], b[y:y + crop_size, x:x + crop_size]
   if flipped:
     a, b = a[:, ::-1], b[:, ::-1]
-  return {'A': images.to_float(a), 'B': images.to_float(b)}
+  return {'A': np.ascontiguousarray(a), 'B': np.ascontiguousarray(b)}
 
 
 def resize_for_eval(example: dict, *, crop_size: int) -> dict:

@@ -121,6 +121,14 @@ def create_train_state(pix2pix: Pix2Pix, config: ml_collections.ConfigDict, rng:
     return init(rng)
 
 
+def to_model_input(pixels: jax.Array) -> jax.Array:
+  """uint8 pixels to float32 in [-1, 1], bit for bit as ``images.to_float`` (a table lookup on
+  every backend); floats pass through."""
+  if pixels.dtype != jnp.uint8:
+    return pixels
+  return jnp.asarray(images.to_float(np.arange(256, dtype=np.uint8)))[pixels]
+
+
 def _apply_train(module: nn.Module, params, batch_stats, x, rng=None):
   """Train-mode forward; returns (output, updated batch_stats)."""
   rngs = {'dropout': rng} if rng is not None else {}
@@ -148,12 +156,13 @@ def train_step(pix2pix: Pix2Pix, state: TrainState, batch: dict) -> tuple[TrainS
   Args:
     pix2pix: modules, optimizer and loss settings (static).
     state: the train state.
-    batch: ``{'A': (N, H, W, input_nc), 'B': (N, H, W, output_nc)}`` float in [-1, 1].
+    batch: ``{'A': (N, H, W, input_nc), 'B': (N, H, W, output_nc)}``, uint8 pixels (as the
+      input pipeline ships them) or floats in [-1, 1].
 
   Returns:
     The new state and a dict of scalar metrics.
   """
-  real_a, real_b = batch['A'], batch['B']
+  real_a, real_b = to_model_input(batch['A']), to_model_input(batch['B'])
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   g, d = state.generator, state.discriminator
   G, D = pix2pix.generator, pix2pix.discriminator
@@ -372,9 +381,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stop = _StopRequest()
   pending = []  # (step, metrics on device) since the last host sync.
   last_log = (time.time(), start_step)
+  batches = input_pipeline.DevicePrefetch(train_iter, mesh)
+  input_wait = 0.0  # Seconds the loop waited for batches since the last log line.
   try:
     for step in range(start_step, num_steps):
-      batch = parallel.to_global(next(train_iter), mesh)
+      wait_start = time.perf_counter()
+      batch = next(batches)
+      input_wait += time.perf_counter() - wait_start
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, metrics = train_step_fn(state, batch)
       pending.append((step + 1, metrics))
@@ -386,11 +399,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         summary = _fetch_metrics(pending, manager)
         pending = []
         now = time.time()
-        steps_per_sec = (step + 1 - last_log[1]) / (now - last_log[0])
+        interval = now - last_log[0]
+        steps_per_sec = (step + 1 - last_log[1]) / interval
         last_log = (now, step + 1)
         summary.update(steps_per_sec=steps_per_sec,
                        images_per_sec=steps_per_sec * config.data.batch_size,
-                       epoch=(step + 1) / steps_per_epoch)
+                       epoch=(step + 1) / steps_per_epoch,
+                       # Near 1: the input pipeline is the bottleneck (add num_workers).
+                       input_wait_fraction=input_wait / interval)
+        input_wait = 0.0
         writer.write_scalars(step + 1, summary)
       if examples and ((step + 1) % config.image_every_steps == 0 or done):
         writer.write_scalars(step + 1, _write_images(writer, state, examples, step + 1,
@@ -399,15 +416,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _fetch_metrics(pending, manager)
         if not bool(_all_finite((state.generator.params, state.discriminator.params))):
           _stop_non_finite(step + 1, 'parameters', manager)
-        checkpointing.save(manager, state, config, train_iter, force=True)
+        checkpointing.save(manager, state, config, batches, force=True)
       if done:
         break
   finally:
     stop.restore()
     manager.wait_until_finished()  # Never exit with a save half-written.
     manager.close()
-    if hasattr(train_iter, 'close'):  # Ends grain's worker processes and their shared memory.
-      train_iter.close()
+    batches.close()
     writer.flush()
   if stop.requested:
     logging.warning('Stopped at step %d on request; resume by running the same command.',

@@ -1,12 +1,16 @@
 """Shared test fixtures: configs loaded from configs/*.py by path, as the CLI does."""
 import importlib.util
 import os
+import tempfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The decoded-image cache (and anything else under the user cache) of the tests and of the
+# trainers they start goes to a temporary folder, never to the user's home.
+os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='p2p_jax_test_cache_')
 
 
 def load_config(name: str = 'default'):

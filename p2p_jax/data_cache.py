@@ -1,0 +1,193 @@
+"""A decoded uint8 cache of a training split: each file decoded and resized once, not per epoch.
+
+The deterministic part of the official training preprocessing (decode, the resize to
+``load_size`` or ``scale_width``) is computed once per file, in parallel, and written to
+``CACHE_DIR/<key>/``:
+
+* ``pixels.u8``: every example's A then B pixels, raw uint8, back to back;
+* ``index.npy``: ``(N, 8)`` int64, the offset, height, width and channels of A then B (height 0
+  marks a bad file left out under ``skip_bad_images``);
+* ``names.json``: the example names.
+
+``key`` hashes the source's files (path, size, modification time) and every option that
+fixes the stored pixels, so an edited dataset or another ``load_size`` gets its own cache and
+a stale one is never read. Each epoch then only crops and flips the stored arrays (the same
+``jitter`` as without the cache, hence the same batches). Concurrent builders (the processes
+of a multi-host run on a shared disk) take a file lock: one builds, the others reuse it.
+"""
+import concurrent.futures
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Callable, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from p2p_jax import datasets
+
+_FORMAT_VERSION = 1
+_COMPLETE = 'complete'  # Written last: a folder without it is an interrupted build.
+
+
+def default_cache_dir() -> str:
+  cache_home = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+  return os.path.join(cache_home, 'p2p_jax', 'decoded')
+
+
+def cache_key(config: ml_collections.ConfigDict, split: str, records: Sequence) -> str:
+  """A hash of the split's files (paths, sizes, mtimes) and of the options that fix pixels."""
+  data = config.data
+  options = {name: data.get(name) for name in (
+      'name', 'direction', 'input_nc', 'output_nc', 'preprocess', 'load_size', 'crop_size',
+      'check_ab_shape', 'skip_bad_images')}
+  digest = hashlib.sha256(json.dumps([_FORMAT_VERSION, split, options]).encode())
+  for entry in _fingerprint(config, records):
+    digest.update(repr(entry).encode())
+  return digest.hexdigest()[:24]
+
+
+def _fingerprint(config: ml_collections.ConfigDict, records: Sequence):
+  """``(path, size, mtime_ns)`` of every file the split reads."""
+  if all(isinstance(r, str) for r in records):
+    paths = records
+  else:  # TFDS records: the dataset's files under its data dir.
+    root = config.data.data_dir or os.path.expanduser('~/tensorflow_datasets')
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+    yield len(records)
+  for path in paths:
+    stat = os.stat(path)
+    yield path, stat.st_size, stat.st_mtime_ns
+
+
+def get_or_build(config: ml_collections.ConfigDict, split: str, source: datasets.Source,
+                 resize: Callable[[dict], dict]) -> datasets.Source:
+  """The split as a ``Source`` of stored, resized uint8 arrays, built on first use.
+
+  Args:
+    config: the experiment config (``config.data.cache_dir``, ``skip_bad_images``, ...).
+    split: the split's name (part of the key).
+    source: the split's file source.
+    resize: ``decoded example -> {'A': uint8 HWC, 'B': uint8 HWC, 'name'}``, the
+      deterministic preprocessing.
+
+  Returns:
+    A ``Source`` whose records are example indices and whose ``decode`` returns the stored
+    ``{'A', 'B', 'name'}`` (None for a bad file left out).
+  """
+  root = config.data.cache_dir or default_cache_dir()
+  os.makedirs(root, exist_ok=True)
+  directory = os.path.join(root, cache_key(config, split, source.records))
+  with open(directory + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, also on a crash.
+    if not os.path.isfile(os.path.join(directory, _COMPLETE)):
+      _build(directory, source, resize, config.data.skip_bad_images)
+    else:
+      logging.info('Reading decoded %s images from the cache %s', split, directory)
+  return datasets.Source(records=list(range(len(source.records))),
+                         decode=CachedDecode(directory))
+
+
+def _build(directory: str, source: datasets.Source, resize: Callable[[dict], dict],
+           skip_bad_images: bool) -> None:
+  """Decodes and resizes every record in threads (PIL releases the GIL) into ``directory``."""
+  building = f'{directory}.building-{os.getpid()}'
+  shutil.rmtree(building, ignore_errors=True)
+  os.makedirs(building)
+  num_records = len(source.records)
+  start = time.time()
+
+  def load(i):
+    try:
+      return resize(source.decode(source.records[i])), None
+    except datasets.BadImageError as e:
+      if not skip_bad_images:
+        raise
+      return None, str(e)
+
+  logging.info('Caching %d decoded images in %s (later runs reuse them)', num_records,
+               directory)
+  try:
+    index, names, bad, size = _write_pixels(os.path.join(building, 'pixels.u8'), load,
+                                            num_records)
+    for error in bad:
+      logging.warning('Left out a bad image (skip_bad_images): %s', error)
+    if len(bad) == num_records:
+      raise datasets.BadImageError(f'All {num_records} images are bad (the last: {bad[-1]})')
+    np.save(os.path.join(building, 'index.npy'), index)
+    with open(os.path.join(building, 'names.json'), 'w') as f:
+      json.dump(names, f)
+    open(os.path.join(building, _COMPLETE), 'w').close()
+  except BaseException:
+    shutil.rmtree(building, ignore_errors=True)
+    raise
+  shutil.rmtree(directory, ignore_errors=True)  # An interrupted build's leftovers.
+  os.rename(building, directory)
+  logging.info('Cached %d images (%.1f MiB, %d left out) in %.1f s', num_records - len(bad),
+               size / 2**20, len(bad), time.time() - start)
+
+
+def _write_pixels(path: str, load: Callable, num_records: int):
+  """Writes ``load(i)``'s arrays in order; returns the index, names, errors and bytes."""
+  index = np.zeros((num_records, 8), np.int64)
+  names, bad = [], []
+  workers = os.cpu_count() or 1
+  window = 4 * workers  # Written in order: a bounded window of results bounds memory.
+  offset, start, last_report = 0, time.time(), time.time()
+  with open(path, 'wb') as pixels, concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for first in range(0, num_records, window):
+      done = min(first + window, num_records)
+      for i, (example, error) in zip(range(first, done), pool.map(load, range(first, done))):
+        if example is None:
+          bad.append(error)
+          names.append('')
+          continue
+        for column, key in ((0, 'A'), (4, 'B')):
+          array = np.ascontiguousarray(example[key], np.uint8)
+          index[i, column:column + 4] = (offset, *array.shape)
+          pixels.write(array.tobytes())
+          offset += array.nbytes
+        names.append(example['name'])
+      if time.time() - last_report > 10:
+        last_report = time.time()
+        logging.info('Cached %d / %d images (%.0f%%), %.0f images/s', done, num_records,
+                     100 * done / num_records, done / (last_report - start))
+  return index, names, bad, offset
+
+
+class CachedDecode:
+  """``index -> {'A', 'B', 'name'}`` from a cache folder; picklable for grain's workers.
+
+  The pixels are memory-mapped on first use in each process, so workers share the page cache.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self._arrays = None
+
+  def __getstate__(self):
+    return {'directory': self.directory, '_arrays': None}
+
+  def _open(self):
+    pixels = np.memmap(os.path.join(self.directory, 'pixels.u8'), np.uint8, mode='r')
+    index = np.load(os.path.join(self.directory, 'index.npy'))
+    with open(os.path.join(self.directory, 'names.json')) as f:
+      names = json.load(f)
+    return pixels, index, names
+
+  def __call__(self, i: int) -> dict | None:
+    if self._arrays is None:
+      self._arrays = self._open()
+    pixels, index, names = self._arrays
+    row = index[i]
+    if row[1] == 0:
+      return None  # Left out at build time (skip_bad_images), as the uncached path skips it.
+
+    def read(offset, h, w, c):
+      return np.array(pixels[offset:offset + h * w * c]).reshape(h, w, c)
+
+    return {'A': read(*row[:4]), 'B': read(*row[4:]), 'name': names[i]}
