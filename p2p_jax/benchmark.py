@@ -1,7 +1,8 @@
 """Step and input-pipeline benchmarks; each result is one JSON line on stdout.
 
   python -m p2p_jax.benchmark --what=step --config=configs/cityscapes.py --batch_size=4
-  python -m p2p_jax.benchmark --what=input --config=configs/cityscapes.py
+  python -m p2p_jax.benchmark --what=input --config=configs/facades.py \
+      --config.data.data_dir=/path/to/facades  # Without and with the decoded cache.
   python -m p2p_jax.benchmark --what=dot  # The machine's large-matmul GFLOP/s, for scale.
   python -m p2p_jax.benchmark --what=compare --config=configs/default.py \
       --torch_python=/path/to/torch/venv/bin/python
@@ -37,6 +38,10 @@ _WHAT = flags.DEFINE_enum('what', 'step', ['step', 'input', 'dot', 'compare'],
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Overrides config.data.batch_size.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (per round for compare).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_INPUT_IMAGES = flags.DEFINE_integer('input_images', 512,
+                                     'input: images timed per configuration.')
+_INPUT_WORKERS = flags.DEFINE_list('input_workers', ['0', '1', '2'],
+                                   'input: the num_workers values to time.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'compare: alternating rounds of ours and torch.')
 _TORCH_PYTHON = flags.DEFINE_string('torch_python', None, 'compare: python with torch.')
 _TORCH_REF = flags.DEFINE_string(
@@ -218,7 +223,8 @@ def main(argv):
   batch_size = _BATCH_SIZE.value or config.data.batch_size
   if what == 'input':
     from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    for line in input_pipeline.benchmark(config):
+    for line in input_pipeline.benchmark(
+        config, _INPUT_IMAGES.value, tuple(int(n) for n in _INPUT_WORKERS.value)):
       print(json.dumps(line), flush=True)
   elif what == 'step':
     print(json.dumps(benchmark_step(config, batch_size, _STEPS.value, _WARMUP.value)),

@@ -352,20 +352,23 @@ def _mark_absl_flags_parsed() -> None:
 
 def benchmark(config: ml_collections.ConfigDict, num_images: int = 512,
               worker_counts: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
-  """Images/s of the training pipeline with 0, 1 and 2 worker processes.
+  """Images/s of the training pipeline, without and with the decoded cache, per worker count.
 
-  Measures the config's jitter path (by default 286 -> 256 resize_and_crop) on JPEG files:
-  the config's aligned or demo dataset (the demo one in place of Cityscapes' PNGs). Worker
-  start-up and the first batches are excluded.
+  Measures the config's jitter path (by default 286 -> 256 resize_and_crop) on the config's
+  aligned or demo dataset (the demo one in place of Cityscapes). Building the cache, worker
+  start-up and the first batches are excluded. ``images_per_sec_per_core`` divides by the CPU
+  time the pipeline's processes used (this one and its workers), so it is a per-core rate
+  whatever else the machine runs.
 
   Args:
     config: the experiment config.
-    num_images: images timed per worker count (after warm-up).
+    num_images: images timed per configuration (after warm-up).
     worker_counts: the ``num_workers`` values to measure.
 
   Returns:
-    One dict per worker count: ``num_workers``, ``images_per_sec``, ``batch_size``
-    (host), ``num_images``, ``seconds``, ``crop_size``, ``data_dir``.
+    One dict per configuration: ``what``, ``cache``, ``num_workers``, ``images_per_sec``,
+    ``images_per_sec_per_core``, ``batch_size`` (host), ``num_images``, ``seconds``,
+    ``crop_size``, ``data_dir``.
   """
   config = config.copy_and_resolve_references()
   if config.data.name == 'cityscapes':
@@ -373,22 +376,43 @@ def benchmark(config: ml_collections.ConfigDict, num_images: int = 512,
   host_batch = config.data.batch_size // jax.process_count()
   num_batches = max(1, num_images // host_batch)
   results = []
-  for num_workers in worker_counts:
-    config.data.num_workers = num_workers
-    iterator = create_train_iterator(config, seed=0)
-    for _ in range(max(4, 2 * config.data.prefetch_buffer_size)):  # Warm-up: fill the buffers.
-      next(iterator)
-    start = time.perf_counter()
-    for _ in range(num_batches):
-      next(iterator)
-    seconds = time.perf_counter() - start
-    if hasattr(iterator, 'close'):
-      iterator.close()
-    images = num_batches * host_batch
-    results.append({'num_workers': num_workers, 'images_per_sec': images / seconds,
-                    'batch_size': host_batch, 'num_images': images, 'seconds': seconds,
-                    'crop_size': config.data.crop_size,
-                    'data_dir': config.data.data_dir or datasets.default_demo_dir()})
-    logging.info('Input pipeline, %d workers: %.1f images/s', num_workers,
-                 images / seconds)
+  for cache in (False, True):
+    for num_workers in worker_counts:
+      config.data.cache, config.data.num_workers = cache, num_workers
+      iterator = create_train_iterator(config, seed=0)
+      for _ in range(max(4, 2 * config.data.prefetch_buffer_size)):  # Fill the buffers.
+        next(iterator)
+      start, cpu_start = time.perf_counter(), _cpu_seconds()
+      for _ in range(num_batches):
+        next(iterator)
+      seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
+      if hasattr(iterator, 'close'):
+        iterator.close()
+      images = num_batches * host_batch
+      results.append({'what': 'input', 'cache': cache, 'num_workers': num_workers,
+                      'images_per_sec': round(images / seconds, 1),
+                      'images_per_sec_per_core': round(images / max(cpu_seconds, 1e-9), 1),
+                      'batch_size': host_batch, 'num_images': images,
+                      'seconds': round(seconds, 3), 'crop_size': config.data.crop_size,
+                      'data_dir': config.data.data_dir or datasets.default_demo_dir()})
+      logging.info('Input pipeline, cache=%s, %d workers: %.1f images/s', cache, num_workers,
+                   images / seconds)
   return results
+
+
+def _cpu_seconds() -> float:
+  """User + system CPU seconds of this process and its live descendants (Linux /proc)."""
+  ticks = os.sysconf('SC_CLK_TCK')
+  total, pending = 0.0, [os.getpid()]
+  while pending:
+    pid = pending.pop()
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime.
+      for task in os.listdir(f'/proc/{pid}/task'):
+        with open(f'/proc/{pid}/task/{task}/children') as f:
+          pending.extend(int(child) for child in f.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+      pass  # Ended meanwhile.
+  return total

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_aligned_dataset
 
 
 def test_step_benchmark_prints_one_json_line_with_timing_flops_and_memory():
@@ -69,3 +69,21 @@ def test_compare_alternates_rounds_with_the_reference_and_reports_the_ratio(tmp_
   assert result['torch'] == 'stand-in' and result['torch_best_threads'] == 1
   assert result['ratio_ours_over_torch'] == pytest.approx(result['median_s_per_step'] / 2.0,
                                                           abs=1e-3)
+
+
+def test_input_benchmark_prints_a_json_line_per_cache_and_worker_setting(tmp_path):
+  data_dir = write_aligned_dataset(str(tmp_path / 'data'), side=32, ext='.jpg')
+  cmd = [sys.executable, '-m', 'p2p_jax.benchmark', '--what=input',
+         f'--config={os.path.join(REPO_ROOT, "configs", "default.py")}',
+         f'--config.data.data_dir={data_dir}', '--config.data.load_size=36',
+         '--config.data.crop_size=32', '--config.data.batch_size=2',
+         f'--config.data.cache_dir={tmp_path / "cache"}', '--input_images=16',
+         '--input_workers=0,1']
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT).stdout
+  results = [json.loads(line) for line in out.splitlines() if line.startswith('{')]
+  assert [(r['cache'], r['num_workers']) for r in results] == [
+      (cache, workers) for cache in (False, True) for workers in (0, 1)]
+  for result in results:
+    assert result['what'] == 'input' and result['num_images'] == 16
+    assert result['images_per_sec'] > 0 and result['images_per_sec_per_core'] > 0
+  assert os.listdir(tmp_path / 'cache')  # The cached rows read the cache it built.

@@ -9,7 +9,7 @@ from absl import logging
 from PIL import Image
 
 from conftest import set_field
-from p2p_jax import datasets, input_pipeline
+from p2p_jax import datasets, input_pipeline, parallel
 
 
 def _ids(batch):
@@ -172,6 +172,9 @@ def _corrupt(config, name='003.png'):
 
 def test_a_bad_file_is_an_error_naming_it_by_default(aligned_config):
   path = _corrupt(aligned_config)
+  with pytest.raises(datasets.BadImageError, match=f'{path}: not an image'):
+    input_pipeline.create_train_iterator(aligned_config, seed=0)  # Building the cache.
+  aligned_config.data.cache = False
   iterator = input_pipeline.create_train_iterator(aligned_config, seed=0)
   with pytest.raises(datasets.BadImageError, match=f'{path}: not an image'):
     _take(iterator, 3)
@@ -180,6 +183,7 @@ def test_a_bad_file_is_an_error_naming_it_by_default(aligned_config):
 def test_a_bad_file_is_an_error_naming_it_from_a_worker_process(aligned_config):
   path = _corrupt(aligned_config)
   aligned_config.data.num_workers = 1
+  aligned_config.data.cache = False  # Decoded in the worker.
   iterator = input_pipeline.create_train_iterator(aligned_config, seed=0)
   with pytest.raises(datasets.BadImageError, match=f'{path}: not an image'):
     _take(iterator, 3)
@@ -190,6 +194,7 @@ def test_skip_bad_images_skips_them_and_logs_each_once(aligned_config, monkeypat
   path = _corrupt(aligned_config)
   aligned_config.data.skip_bad_images = True
   aligned_config.data.batch_size = 1
+  aligned_config.data.cache = False  # Skipped as the shuffle reaches it (see test_data_cache).
   warnings = []
   monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
   iterator = input_pipeline.create_train_iterator(aligned_config, seed=0)
@@ -216,7 +221,16 @@ def test_demo_dataset_trains_through_the_aligned_loader(demo_dir, aligned_config
   assert batch['A'].shape == (2, 32, 32, 3)
 
 
-def test_benchmark_reports_images_per_second(aligned_config):
-  (result,) = input_pipeline.benchmark(aligned_config, num_images=4, worker_counts=(0,))
-  assert result['num_workers'] == 0 and result['images_per_sec'] > 0
-  assert result['num_images'] == 4
+def test_device_prefetch_yields_the_batches_and_saves_the_position_of_those_handed_out(
+    aligned_config):
+  mesh = parallel.create_mesh()
+  expected = _take(input_pipeline.create_train_iterator(aligned_config, seed=0), 6)
+  batches = input_pipeline.DevicePrefetch(
+      input_pipeline.create_train_iterator(aligned_config, seed=0), mesh, size=2)
+  first = [jax.device_get(b) for b in _take(batches, 3)]  # 5 pulled, 3 handed out.
+  state = json.loads(json.dumps(batches.get_state()))
+  restored = input_pipeline.create_train_iterator(aligned_config, seed=0)
+  restored.set_state(state)
+  _assert_same_batches(expected, first + _take(restored, 3))
+  assert isinstance(next(batches)['A'], jax.Array)
+  batches.close()

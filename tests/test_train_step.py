@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from conftest import REPO_ROOT, make_tiny_config
-from p2p_jax import losses, parallel, train
+from p2p_jax import images, losses, parallel, train
 
 
 def small_config():
@@ -61,6 +61,21 @@ def test_same_state_and_batch_give_a_bit_identical_step(compiled):
   for _ in range(2):
     state = train.create_train_state(pix2pix, config, jax.random.PRNGKey(3))
     state, metrics = step_fn(state, batch)
+    outs.append((jax.device_get(state), jax.device_get(metrics)))
+  jax.tree.map(np.testing.assert_array_equal, outs[0], outs[1])
+
+
+def test_uint8_batches_train_bit_identically_to_their_float_conversion(compiled):
+  config, pix2pix, step_fn = compiled
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(jax.jit(train.to_model_input)(np.arange(256, dtype=np.uint8)),
+                                images.to_float(np.arange(256, dtype=np.uint8)))
+  outs = []
+  for batch in ({'A': pixels, 'B': pixels[:, ::-1]},
+                {'A': images.to_float(pixels), 'B': images.to_float(pixels[:, ::-1])}):
+    state = train.create_train_state(pix2pix, config, jax.random.PRNGKey(3))
+    for _ in range(2):
+      state, metrics = step_fn(state, jax.tree.map(jnp.asarray, batch))
     outs.append((jax.device_get(state), jax.device_get(metrics)))
   jax.tree.map(np.testing.assert_array_equal, outs[0], outs[1])
 
