@@ -30,5 +30,6 @@ def get_config():
   config.log_every_steps = 100
   config.image_every_steps = 400
   config.checkpoint_every_steps = 400
+  config.eval_every_steps = 400  # The 16 val layouts: val/L1, PSNR, SSIM; best kept.
   config.num_image_examples = 4
   return config
