@@ -229,3 +229,30 @@ def test_prepare_demo_fills_an_empty_folder_and_refuses_a_foreign_one(tmp_path):
   (tmp_path / 'mine.txt').write_text('')
   with pytest.raises(FileExistsError, match='not empty'):
     datasets.prepare_demo(str(tmp_path))
+
+
+def test_demo_report_command_prints_baselines_and_writes_the_figure(tmp_path, demo_dir):
+  import json
+  import subprocess
+  import sys
+  from conftest import REPO_ROOT
+  from p2p_jax import demo_data
+  eval_dir = tmp_path / 'eval' / '7'
+  os.makedirs(eval_dir / 'images')
+  (eval_dir / 'metrics.json').write_text(json.dumps({'split': 'test', 'L1': 0.05}))
+  for name in ('x', 'y'):
+    for kind, value in (('real_A', 0), ('fake_B', 128), ('real_B', 255)):
+      Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(
+          eval_dir / 'images' / f'{name}_{kind}.png')
+  figure = tmp_path / 'figure.png'
+  result = subprocess.run([sys.executable, '-m', 'p2p_jax.demo_data', f'--eval_dir={eval_dir}',
+                           f'--data_dir={demo_dir}', f'--figure={figure}'], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  scores = json.loads(result.stdout)
+  expected = demo_data.baselines(*demo_data.read_pairs(os.path.join(demo_dir, 'test')))
+  assert scores['per_label_mean_colour'] == pytest.approx(expected['per_label_mean_colour'])
+  assert scores['model_over_best_baseline'] == pytest.approx(0.05 / min(expected.values()))
+  pixels = np.asarray(Image.open(figure))
+  assert pixels.shape == (16, 24, 3)  # Two rows of input | output | target.
+  assert (pixels[:, :8] == 0).all() and (pixels[:, 8:16] == 128).all()
