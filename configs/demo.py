@@ -1,6 +1,6 @@
 """The demo: labels -> facade photo, on pairs rendered from scikit-image's bundled textures.
 
-Sized for a laptop CPU (about 4 minutes on 2 cores): 64 px, a 6-level U-Net (unet_64) and a
+Sized for a laptop CPU (3-4 minutes on 2 cores): 64 px, a 6-level U-Net (unet_64) and a
 70x70 PatchGAN with narrower layers. The dataset (600 train, 16 val, 32 test random facade
 layouts, see p2p_jax/demo_data.py) is written once to ~/.cache/p2p_jax/demo_facades in the
 aligned A|B format and read by the same loader as the real datasets; val and test layouts
@@ -25,11 +25,11 @@ def get_config():
   config.data.crop_size = 64
   config.data.batch_size = 2
   config.data.num_workers = 0  # Small PNGs: workers would cost more than they save.
-  config.optim.n_epochs = 5
-  config.optim.n_epochs_decay = 3
+  config.optim.n_epochs = 4
+  config.optim.n_epochs_decay = 2
   config.log_every_steps = 100
-  config.image_every_steps = 400
-  config.checkpoint_every_steps = 400
-  config.eval_every_steps = 400  # The 16 val layouts: val/L1, PSNR, SSIM; best kept.
+  config.image_every_steps = 300
+  config.checkpoint_every_steps = 300
+  config.eval_every_steps = 300  # The 16 val layouts: val/L1, PSNR, SSIM; best kept.
   config.num_image_examples = 4
   return config

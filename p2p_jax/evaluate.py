@@ -242,6 +242,11 @@ def make_validation(config: ml_collections.ConfigDict, generator, mesh):
   (and of runs with the same seed) sees the same samples; ``config.eval.max_examples``
   bounds its cost.
 
+  Args:
+    config: the run config.
+    generator: the generator module.
+    mesh: the device mesh.
+
   Returns:
     The function, or None (with a warning) when the split has no examples.
   """
@@ -308,16 +313,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   scores = score_split(dataset, generate_fn, variables, num_samples, batch_size, mesh,
                        config.eval.max_examples, on_example=write)
-  if not names:
+  num_images = len(names)
+  if not num_images:
     raise ValueError(f'Split {config.eval.split!r} of the dataset is empty.')
   results = {'step': int(step), 'split': config.eval.split, 'mode': mode,
-             'num_images': len(names), 'num_samples': num_samples, **scores}
-  num_images = len(names)
+             'num_images': num_images, 'num_samples': num_samples, **scores}
   logging.info('Eval of step %d on %s (%s mode): %s', step, config.eval.split, mode, results)
   from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'),
                                                 just_logging=not is_writer)
-  writer.write_scalars(step, {f'eval/{key}': results[key] for key in ('L1', 'PSNR', 'SSIM')})
+  writer.write_scalars(step, {f'eval/{key}': value for key, value in scores.items()})
   if tb_rows:
     writer.write_images(step, {'eval/real_A-fake_B-real_B': np.stack(tb_rows)})
   writer.flush()
