@@ -142,23 +142,16 @@ def _texture(textures: dict, name: str, rng: np.random.Generator, size: int) -> 
 
 
 def _region_fraction(mask: np.ndarray) -> np.ndarray:
-  """For each pixel of ``mask``, its height within its region's column span: 0 at the top
-  row, 1 at the bottom row (per connected run of rows in each column)."""
-  size = mask.shape[0]
-  out = np.zeros(mask.shape, np.float32)
-  for x in range(mask.shape[1]):
-    column = mask[:, x]
-    y = 0
-    while y < size:
-      if column[y]:
-        end = y
-        while end < size and column[end]:
-          end += 1
-        out[y:end, x] = np.linspace(0, 1, end - y) if end - y > 1 else 0
-        y = end
-      else:
-        y += 1
-  return out
+  """For each pixel of ``mask``, its height within its run of rows in its column: 0 at the
+  run's top row, 1 at its bottom row (0 for a run of one row)."""
+  rows = np.broadcast_to(np.arange(mask.shape[0])[:, None], mask.shape)
+  last = mask.shape[0] - 1
+  # The nearest row outside the mask above (below) each pixel bounds its run.
+  start = np.maximum.accumulate(np.where(mask, -1, rows), axis=0) + 1
+  end = last - np.maximum.accumulate(np.where(mask, -1, last - rows)[::-1], axis=0)[::-1] - 1
+  length = end - start
+  fraction = (rows - start) / np.maximum(length, 1)
+  return np.where(mask & (length > 0), fraction, 0).astype(np.float32)
 
 
 def render(labels: np.ndarray, textures: dict, rng: np.random.Generator) -> np.ndarray:

@@ -21,6 +21,7 @@ def test_validation_scores_go_to_tensorboard_and_eval_step_best_restores_the_low
   workdir = str(tmp_path / 'run')
   flags = tiny_flags(**{'data.data_dir': data_dir, 'eval_every_steps': 2,
                         'checkpoint_every_steps': 100, 'max_to_keep': 1,
+                        'num_image_examples': 0,  # No image grids: one compile fewer.
                         'optim.lr': 0.02})  # A large LR, so val L1 moves between steps.
   result = run(main_command(workdir, 'configs/default.py', *flags,
                             '--config.optim.num_train_steps=4'))
