@@ -42,7 +42,8 @@ SHAPE_FIELDS = ('model.netG', 'model.netD', 'model.n_layers_D', 'model.ngf', 'mo
                 'model.norm', 'data.input_nc', 'data.output_nc')
 # Config fields that leave the training trajectory alone (or only bits of its rounding).
 NEUTRAL_FIELDS = ('log_every_steps', 'checkpoint_every_steps', 'image_every_steps',
-                  'num_image_examples', 'max_to_keep', 'eval_every_steps', 'profile', 'optim.num_train_steps',
+                  'num_image_examples', 'max_to_keep', 'eval_every_steps', 'profile',
+                  'optim.num_train_steps',
                   'data.eval_split', 'data.prefetch_buffer_size', 'model.conv_impl')
 NEUTRAL_SECTIONS = ('eval.', 'translate.')
 

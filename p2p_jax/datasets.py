@@ -21,7 +21,8 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from p2p_jax.demo_data import default_demo_dir, prepare_demo  # pylint: disable=unused-import  (the sources read the demo as aligned folders)
+# The demo is read as aligned folders; its writer lives in demo_data.
+from p2p_jax.demo_data import default_demo_dir, prepare_demo  # pylint: disable=unused-import
 
 # As the official loader (data/image_folder.py), compared lower-case.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.tif', '.tiff', '.webp')
