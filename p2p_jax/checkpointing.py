@@ -7,7 +7,9 @@ generator without touching the rest:
 * ``train_state``: the rest of the train state (step, RNG key, G's optimizer state, D), as
   the state's own pytree;
 * ``data_iterator``: the grain iterator state, one file per process;
-* ``config``: the config the run was started with, as JSON.
+* ``config``: the config the run was started with, as JSON;
+* ``metrics`` (validated steps only, written by orbax): the step's validation scores, by
+  which the best step is kept beside the latest ones and found for ``eval.step=best``.
 
 A checkpoint converted from PyTorch without a discriminator holds only ``generator`` and
 ``config``: it serves evaluation and translation. Restores always pass a target tree with this
