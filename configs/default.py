@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 5000
+  # Scores data.eval_split as --mode=eval does (val/L1, val/PSNR, val/SSIM in TensorBoard) and
+  # keeps the best checkpoint by eval.best_metric; 0: off.
+  config.eval_every_steps = 5000
   config.image_every_steps = 5000
   config.num_image_examples = 4  # Fixed train and held-out examples in the image grids.
   config.max_to_keep = 3
@@ -73,7 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.split = 'test'
-  config.eval.step = -1  # -1: the latest checkpoint.
+  config.eval.step = 'latest'  # 'latest', 'best' (by best_metric on the val scores) or a step.
+  config.eval.best_metric = 'L1'  # 'L1' (lower is better), 'PSNR' or 'SSIM' (higher).
+  config.eval.max_examples = -1  # Examples scored (eval and validation); -1: the whole split.
   config.eval.mode = 'paper'  # 'paper' (batch stats + dropout) or 'eval' (running stats).
   config.eval.num_samples = 1  # Stochastic samples per input in 'paper' mode.
   config.eval.batch_size = 1

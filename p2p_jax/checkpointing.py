@@ -7,7 +7,9 @@ generator without touching the rest:
 * ``train_state``: the rest of the train state (step, RNG key, G's optimizer state, D), as
   the state's own pytree;
 * ``data_iterator``: the grain iterator state, one file per process;
-* ``config``: the config the run was started with, as JSON.
+* ``config``: the config the run was started with, as JSON;
+* ``metrics`` (validated steps only, written by orbax): the step's validation scores, by
+  which the best step is kept beside the latest ones and found for ``eval.step=best``.
 
 A checkpoint converted from PyTorch without a discriminator holds only ``generator`` and
 ``config``: it serves evaluation and translation. Restores always pass a target tree with this
@@ -33,6 +35,8 @@ from absl import logging
 from flax import serialization
 from flax import traverse_util
 
+from p2p_jax import metrics as metrics_lib
+
 GENERATOR_VARIABLES = ('params', 'batch_stats')
 SET_ASIDE_DIR = 'checkpoints_set_aside'
 # Config fields that fix the parameters' shapes: a checkpoint cannot restore with others.
@@ -40,9 +44,9 @@ SHAPE_FIELDS = ('model.netG', 'model.netD', 'model.n_layers_D', 'model.ngf', 'mo
                 'model.norm', 'data.input_nc', 'data.output_nc')
 # Config fields that leave the training trajectory alone (or only bits of its rounding).
 NEUTRAL_FIELDS = ('log_every_steps', 'checkpoint_every_steps', 'image_every_steps',
-                  'num_image_examples', 'max_to_keep', 'profile', 'optim.num_train_steps',
-                  'data.eval_split', 'data.prefetch_buffer_size', 'data.cache', 'data.cache_dir',
-                  'model.conv_impl')
+                  'num_image_examples', 'max_to_keep', 'eval_every_steps', 'profile',
+                  'optim.num_train_steps', 'data.eval_split', 'data.prefetch_buffer_size',
+                  'data.cache', 'data.cache_dir', 'model.conv_impl')
 NEUTRAL_SECTIONS = ('eval.', 'translate.')
 
 
@@ -57,14 +61,33 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(path) / 'checkpoints'
 
 
-def create_manager(workdir: str, max_to_keep: Optional[int] = None) -> ocp.CheckpointManager:
+def _best_options(best_metric: str) -> dict:
+  """orbax's ranking of steps by their saved ``metrics[best_metric]``."""
+  lower = metrics_lib.LOWER_IS_BETTER[best_metric]
+  return dict(best_fn=lambda metrics: metrics[best_metric], best_mode='min' if lower else 'max')
+
+
+def create_manager(workdir: str, max_to_keep: Optional[int] = None,
+                   best_metric: Optional[str] = None) -> ocp.CheckpointManager:
   """An async CheckpointManager in ``WORKDIR/checkpoints`` (max_to_keep None keeps all).
 
-  Half-written steps (a save cut short) are removed when it starts.
+  With ``best_metric``, steps saved with metrics are ranked by it, and the best one is kept
+  besides the latest ``max_to_keep``, whatever its age. The metrics live in each step's
+  folder, so the ranking survives restarts. Half-written steps (a save cut short) are removed
+  when it starts.
   """
+  best = {}
+  if best_metric is not None:
+    best = _best_options(best_metric)
+    policies = ocp.checkpoint_managers
+    best['preservation_policy'] = policies.AnyPreservationPolicy([
+        policies.LatestN(n=max_to_keep),
+        policies.BestN(get_metric_fn=best['best_fn'], reverse=best['best_mode'] == 'min', n=1,
+                       keep_checkpoints_without_metrics=False)])
+    max_to_keep = None  # orbax takes either max_to_keep or a preservation policy.
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=True,
-                                         cleanup_tmp_directories=True)
+                                         cleanup_tmp_directories=True, **best)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -100,7 +123,7 @@ class _IteratorRestorer:
 
 
 def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDict,
-         data_iterator=None, force: bool = False) -> bool:
+         data_iterator=None, force: bool = False, metrics: Optional[dict] = None) -> bool:
   """Starts an asynchronous save of the train state at ``state.step``.
 
   Args:
@@ -110,6 +133,8 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
     data_iterator: the grain train iterator, or None (no data position: a run restored from
       it reads its data from the start).
     force: save even if the manager's policy would not.
+    metrics: the step's validation metrics (``{'L1': ...}``), ranked by a manager created with
+      ``best_metric``.
 
   Returns:
     Whether a save was started.
@@ -121,7 +146,8 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
                config=ocp.args.JsonSave(config.to_dict()))
   if data_iterator is not None:
     items['data_iterator'] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_iterator))
-  return manager.save(int(state.step), args=ocp.args.Composite(**items), force=force)
+  return manager.save(int(state.step), args=ocp.args.Composite(**items), force=force,
+                      metrics=metrics)
 
 
 def check_free_space(directory: str, tree, step: int) -> None:
@@ -328,8 +354,8 @@ def restore_or_initialize(manager: ocp.CheckpointManager, init_state: Callable[[
   return init_state(), create_iterator(0)
 
 
-def restore_generator(workdir: str, abstract_variables: dict, sharding,
-                      step: Optional[int] = None) -> tuple[dict, int]:
+def restore_generator(workdir: str, abstract_variables: dict, sharding, step=None,
+                      best_metric: str = 'L1') -> tuple[dict, int]:
   """Restores the generator's ``{'params', 'batch_stats'}`` alone (no optimizer state).
 
   Read-only, so it may run beside a trainer: for the latest step, a step that fails to
@@ -340,7 +366,9 @@ def restore_generator(workdir: str, abstract_variables: dict, sharding,
     workdir: the run's workdir.
     abstract_variables: structure/dtypes of the generator variables (e.g. from eval_shape).
     sharding: where to place the arrays.
-    step: the checkpoint step; None for the latest.
+    step: the checkpoint step; None for the latest; 'best' for the best saved with
+      validation metrics, by ``best_metric``.
+    best_metric: the metric that ranks steps for ``step='best'``.
 
   Returns:
     (variables, step).
@@ -349,10 +377,19 @@ def restore_generator(workdir: str, abstract_variables: dict, sharding,
   if not directory.is_dir():
     raise FileNotFoundError(f'No checkpoints in {directory}: train first, or point --workdir '
                             'at a run (or a converted PyTorch checkpoint).')
+  best = _best_options(best_metric) if step == 'best' else {}
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True))
+      read_only=True, **best))
   try:
     steps = sorted(manager.all_steps(), reverse=True)
+    if step == 'best':
+      step = manager.best_step() if steps else None
+      if step is None or manager.metrics(step) is None:
+        raise FileNotFoundError(
+            f'No checkpoint in {directory} was saved with validation metrics, so there is no '
+            "best one: train with config.eval_every_steps > 0, or pick config.eval.step.")
+      logging.info('The best checkpoint by validation %s is step %d: %s', best_metric, step,
+                   manager.metrics(step))
     if step is not None and step not in steps:
       raise FileNotFoundError(f'No checkpoint for step {step} in {directory}; '
                               f'available steps: {sorted(steps)}.')

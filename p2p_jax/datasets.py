@@ -6,15 +6,13 @@ applied ('A' is always the generator input, with ``input_nc`` channels; 'B' the 
 with ``output_nc``). Decoding uses PIL, in grain's worker processes. Every malformed input
 raises ``BadImageError`` naming the file and what is wrong with it.
 
-The demo dataset is written once, in the aligned format, to ``config.data.data_dir`` or,
-when that is empty, to ``$XDG_CACHE_HOME/p2p_jax/demo`` (default ``~/.cache/p2p_jax/demo``).
+The demo dataset (``demo_data``) is written once, in the aligned format, to
+``config.data.data_dir`` or, when that is empty, to ``demo_data.default_demo_dir()``.
 """
 import dataclasses
 import functools
 import io
 import os
-import shutil
-import tempfile
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -22,6 +20,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 from PIL import Image
+
+# The demo is read as aligned folders; its writer lives in demo_data.
+from p2p_jax.demo_data import default_demo_dir, prepare_demo  # pylint: disable=unused-import
 
 # As the official loader (data/image_folder.py), compared lower-case.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.tif', '.tiff', '.webp')
@@ -303,92 +304,3 @@ def decode_cityscapes(record: dict, *, direction: str, input_nc: int, output_nc:
   labels = Image.fromarray(CITYSCAPES_PALETTE[ids], mode='RGB')
   return _apply_direction(labels, photo, image_id, direction=direction, input_nc=input_nc,
                           output_nc=output_nc)
-
-
-# ---------------------------------------------------------------------------------------
-# The demo dataset: grayscale -> colour, from the real photographs shipped in scikit-image.
-
-DEMO_SIZE = 256
-_DEMO_MARKER = 'DEMO_COMPLETE'
-# Held-out photos make val and test unseen content. Crops: (side / short side, x, y), with
-# x, y the crop's position in [0, 1] along the free room.
-_DEMO_PHOTOS = {
-    'train': ('astronaut.png', 'coffee.png', 'motorcycle_left.png', 'motorcycle_right.png',
-              'ihc.png', 'hubble_deep_field.jpg'),
-    'val': ('chelsea.png', 'rocket.jpg'),
-    'test': ('chelsea.png', 'rocket.jpg'),
-}
-_DEMO_CROPS = {
-    'train': ((1.0, 0.5, 0.5), (0.6, 0.25, 0.3), (0.6, 0.75, 0.7)),
-    'val': ((0.65, 0.7, 0.6),),
-    'test': ((1.0, 0.5, 0.5), (0.65, 0.3, 0.4)),
-}
-
-
-def default_demo_dir() -> str:
-  """``$XDG_CACHE_HOME/p2p_jax/demo``, by default ``~/.cache/p2p_jax/demo``."""
-  cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(cache, 'p2p_jax', 'demo')
-
-
-def prepare_demo(data_dir: str = '') -> str:
-  """Writes the demo dataset (grayscale -> colour photo) in the aligned A|B format, once.
-
-  18 train, 2 val and 4 test pairs of 256x256 halves (JPEG): A is the photo in grayscale
-  (colourisation: a task a U-Net learns from 18 photos and carries over to unseen ones), B
-  the photo. The photos are scikit-image's bundled samples; val and test come
-  from photos that train never sees. Idempotent and safe when several processes call it at
-  once: each writes a temporary folder and renames it into place; the first rename wins.
-
-  Args:
-    data_dir: where to write; '' for ``default_demo_dir()``.
-
-  Returns:
-    The dataset folder.
-  """
-  data_dir = os.path.abspath(os.path.expanduser(data_dir or default_demo_dir()))
-  if os.path.isfile(os.path.join(data_dir, _DEMO_MARKER)):
-    return data_dir
-  if os.path.isdir(data_dir) and os.listdir(data_dir):
-    raise FileExistsError(f'{data_dir} is not empty and holds no demo dataset (no '
-                          f'{_DEMO_MARKER}); use another config.data.data_dir for the demo.')
-  parent = os.path.dirname(data_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.demo-', dir=parent)
-  try:
-    _write_demo(tmp)
-    os.rename(tmp, data_dir)  # Atomic; replaces a missing or empty folder, never a full one.
-    logging.info('Wrote the demo dataset to %s', data_dir)
-  except OSError:
-    if not os.path.isfile(os.path.join(data_dir, _DEMO_MARKER)):
-      raise
-    logging.info('Another process wrote the demo dataset to %s first', data_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return data_dir
-
-
-def _write_demo(out_dir: str) -> None:
-  from skimage import data as skimage_data
-  photo_dir = os.path.dirname(skimage_data.__file__)
-  for split, photos in _DEMO_PHOTOS.items():
-    os.makedirs(os.path.join(out_dir, split))
-    for photo_file in photos:
-      photo = Image.open(os.path.join(photo_dir, photo_file)).convert('RGB')
-      for i, crop in enumerate(_DEMO_CROPS[split]):
-        b = _square_crop(photo, *crop)
-        pair = Image.new('RGB', (2 * DEMO_SIZE, DEMO_SIZE))
-        pair.paste(b.convert('L').convert('RGB'), (0, 0))
-        pair.paste(b, (DEMO_SIZE, 0))
-        stem = os.path.splitext(photo_file)[0]
-        pair.save(os.path.join(out_dir, split, f'{stem}_{i}.jpg'), quality=95)
-  with open(os.path.join(out_dir, _DEMO_MARKER), 'w') as f:
-    f.write('grayscale -> colour pairs from scikit-image sample photos (p2p_jax.datasets)\n')
-
-
-def _square_crop(photo: Image.Image, scale: float, x: float, y: float) -> Image.Image:
-  w, h = photo.size
-  side = int(min(w, h) * scale)
-  left, top = int((w - side) * x), int((h - side) * y)
-  box = (left, top, left + side, top + side)
-  return photo.resize((DEMO_SIZE, DEMO_SIZE), Image.Resampling.LANCZOS, box=box)

@@ -19,7 +19,7 @@ import io
 import json
 import os
 import urllib.parse
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import ml_collections
@@ -34,7 +34,7 @@ def restore_generator(config: ml_collections.ConfigDict, workdir: str, mesh):
   """Builds the generator and restores its ``{'params', 'batch_stats'}``, replicated on ``mesh``.
 
   Args:
-    config: the run config (``config.model``, ``config.eval.step``: -1 for the latest).
+    config: the run config (``config.model``, ``config.eval.step``, see ``checkpoint_step``).
     workdir: the run's workdir, holding ``checkpoints/``.
     mesh: the device mesh.
 
@@ -47,11 +47,28 @@ def restore_generator(config: ml_collections.ConfigDict, workdir: str, mesh):
   shape = (1, data.crop_size, data.crop_size, data.input_nc)
   abstract = jax.eval_shape(
       lambda: models.init_variables(generator, jax.random.PRNGKey(0), shape))
-  step = None if config.eval.step < 0 else config.eval.step
   variables, step = checkpointing.restore_generator(
-      workdir, abstract, parallel.replicated_sharding(mesh), step)
+      workdir, abstract, parallel.replicated_sharding(mesh), checkpoint_step(config),
+      config.eval.best_metric)
   logging.info('Restored the generator from step %d of %s', step, workdir)
   return generator, variables, step
+
+
+def checkpoint_step(config: ml_collections.ConfigDict):
+  """``config.eval.step`` as ``restore_generator`` takes it: None (latest), 'best' or a step.
+
+  Raises:
+    ValueError: naming the option, for anything but 'latest', -1, 'best' or a step number.
+  """
+  value = str(config.eval.step).strip()
+  if value in ('latest', '-1'):
+    return None
+  if value == 'best':
+    return 'best'
+  if not value.isdigit():
+    raise ValueError(f"config.eval.step={config.eval.step!r}: must be 'latest', 'best' or a "
+                     'checkpoint step.')
+  return int(value)
 
 
 def make_generate_fn(generator, mode: str, seed: int, mesh):
@@ -159,10 +176,13 @@ def write_results_page(path: str, title: str, summary: str, names, num_samples: 
   epath.Path(path).write_text(page, encoding='utf-8')
 
 
-def _generate_split(dataset, generate_fn, variables, num_samples: int, batch_size: int, mesh):
-  """Yields ``(example, [fake_B of each sample])`` over ``dataset``, batch by batch."""
-  for start in range(0, len(dataset), batch_size):
-    batch = [(i, dataset[i]) for i in range(start, min(start + batch_size, len(dataset)))]
+def _generate_split(dataset, generate_fn, variables, num_samples: int, batch_size: int, mesh,
+                    max_examples: int = -1):
+  """Yields ``(example, [fake_B of each sample])`` over the first ``max_examples`` of
+  ``dataset`` (-1: all), batch by batch."""
+  size = len(dataset) if max_examples < 0 else min(max_examples, len(dataset))
+  for start in range(0, size, batch_size):
+    batch = [(i, dataset[i]) for i in range(start, min(start + batch_size, size))]
     batch = [(i, e) for i, e in batch if e is not None]  # None: skipped by skip_bad_images.
     if not batch:
       continue
@@ -185,6 +205,65 @@ def _write_example(image_dir: str, name: str, real_a, fakes, real_b) -> np.ndarr
   return images.grid([[a_u8, fakes_u8[0], b_u8]])
 
 
+def score_split(dataset, generate_fn, variables, num_samples: int, batch_size: int, mesh,
+                max_examples: int = -1, on_example: Optional[Callable] = None) -> dict:
+  """The mean image metrics of the generator over (the first ``max_examples`` of) a split.
+
+  Args:
+    dataset: the split, from ``input_pipeline.create_eval_dataset``.
+    generate_fn: from ``make_generate_fn`` (its mode and seed fix the samples).
+    variables: the generator variables.
+    num_samples: fakes per example.
+    batch_size: examples per call, a multiple of the device count.
+    mesh: the device mesh.
+    max_examples: -1 for the whole split.
+    on_example: called as ``on_example(example, fakes)`` for each example, in order.
+
+  Returns:
+    ``{'L1', 'PSNR', 'SSIM'}`` averaged over all examples and samples (NaN for an empty
+    split); further metrics (e.g. FID over all fakes) join this dict.
+  """
+  sums, count = {'L1': 0.0, 'PSNR': 0.0, 'SSIM': 0.0}, 0
+  for example, fakes in _generate_split(dataset, generate_fn, variables, num_samples,
+                                        batch_size, mesh, max_examples):
+    for fake in fakes:
+      for key, value in metrics.image_metrics(fake, example['B']).items():
+        sums[key] += value
+      count += 1
+    if on_example is not None:
+      on_example(example, fakes)
+  return {key: value / count if count else float('nan') for key, value in sums.items()}
+
+
+def make_validation(config: ml_collections.ConfigDict, generator, mesh):
+  """``validate(variables) -> metrics`` on ``config.data.eval_split``, as ``--mode=eval`` scores.
+
+  ``config.eval.mode`` and ``config.seed`` fix the dropout keys, so every validation of a run
+  (and of runs with the same seed) sees the same samples; ``config.eval.max_examples``
+  bounds its cost.
+
+  Args:
+    config: the run config.
+    generator: the generator module.
+    mesh: the device mesh.
+
+  Returns:
+    The function, or None (with a warning) when the split has no examples.
+  """
+  from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  split = config.data.eval_split
+  try:
+    dataset = input_pipeline.create_eval_dataset(config, split)
+  except FileNotFoundError as e:
+    logging.warning('No validation during training, no %s split: %s', split, e)
+    return None
+  generate_fn = make_generate_fn(generator, config.eval.mode, config.seed, mesh)
+  batch_size = config.eval.batch_size
+  parallel.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
+  return lambda variables: score_split(dataset, generate_fn, variables, 1, batch_size, mesh,
+                                       config.eval.max_examples)
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Translates ``config.eval.split`` with the restored generator; writes images and metrics.
 
@@ -201,6 +280,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The metrics dict written to ``metrics.json``.
   """
   from p2p_jax import input_pipeline  # Imports grain/tfds; only the eval mode needs it.
+  input_pipeline.validate_eval_config(config)
   mode, num_samples = config.eval.mode, config.eval.num_samples
   models.check_eval_mode(mode)
   if num_samples < 1:
@@ -220,32 +300,29 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   image_dir = os.path.join(out_dir, 'images')
   if is_writer:
     epath.Path(image_dir).mkdir(parents=True, exist_ok=True)
-  names, seen, sums, tb_rows = [], set(), {'L1': 0.0, 'PSNR': 0.0, 'SSIM': 0.0}, []
-  for example, fakes in _generate_split(dataset, generate_fn, variables, num_samples,
-                                        batch_size, mesh):
+  names, seen, tb_rows = [], set(), []
+
+  def write(example, fakes):
     name = str(example['name'])
     _add_unique(seen, name, f'examples of split {config.eval.split!r}')
     names.append(name)
-    for fake in fakes:
-      for key, value in metrics.image_metrics(fake, example['B']).items():
-        sums[key] += value
     if is_writer:
       row = _write_example(image_dir, name, example['A'], fakes, example['B'])
       if len(tb_rows) < config.num_image_examples:
         tb_rows.append(row)
+
+  scores = score_split(dataset, generate_fn, variables, num_samples, batch_size, mesh,
+                       config.eval.max_examples, on_example=write)
   num_images = len(names)
   if not num_images:
     raise ValueError(f'Split {config.eval.split!r} of the dataset is empty.')
-
-  count = num_images * num_samples
   results = {'step': int(step), 'split': config.eval.split, 'mode': mode,
-             'num_images': num_images, 'num_samples': num_samples,
-             **{key: value / count for key, value in sums.items()}}
+             'num_images': num_images, 'num_samples': num_samples, **scores}
   logging.info('Eval of step %d on %s (%s mode): %s', step, config.eval.split, mode, results)
   from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'),
                                                 just_logging=not is_writer)
-  writer.write_scalars(step, {f'eval/{key}': results[key] for key in ('L1', 'PSNR', 'SSIM')})
+  writer.write_scalars(step, {f'eval/{key}': value for key, value in scores.items()})
   if tb_rows:
     writer.write_images(step, {'eval/real_A-fake_B-real_B': np.stack(tb_rows)})
   writer.flush()

@@ -75,6 +75,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f'{data.preprocess!r}')
 
 
+def validate_eval_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ``ValueError`` naming the option when a validation / eval option is invalid."""
+  from p2p_jax import metrics  # pylint: disable=g-import-not-at-top
+  every = config.eval_every_steps
+  if not isinstance(every, int) or every < 0:
+    raise ValueError(f'config.eval_every_steps={every!r}: must be a non-negative integer '
+                     '(0: no validation during training).')
+  if config.eval.best_metric not in metrics.LOWER_IS_BETTER:
+    raise ValueError(f'config.eval.best_metric={config.eval.best_metric!r}: must be one of '
+                     f'{", ".join(metrics.LOWER_IS_BETTER)}.')
+  max_examples = config.eval.max_examples
+  if not isinstance(max_examples, int) or not (max_examples == -1 or max_examples > 0):
+    raise ValueError(f'config.eval.max_examples={max_examples!r}: must be -1 (the whole '
+                     'split) or a positive integer.')
+
+
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   """The number of examples in ``split``, over all processes (bad files included).
 

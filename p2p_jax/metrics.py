@@ -52,6 +52,10 @@ def psnr(x: np.ndarray, y: np.ndarray) -> float:
   return float(10.0 * np.log10(255.0 ** 2 / max(mse, 255.0 ** 2 * 1e-10)))
 
 
+# Whether lower is better, for each metric a checkpoint can be ranked by (eval.best_metric).
+LOWER_IS_BETTER = {'L1': True, 'PSNR': False, 'SSIM': False}
+
+
 def image_metrics(fake: np.ndarray, real: np.ndarray) -> dict:
   """L1 on the [-1, 1] floats (the training L1 term without lambda); PSNR and SSIM on the
   uint8 images as written to disk.

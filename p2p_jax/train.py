@@ -15,7 +15,7 @@ import optax
 from absl import logging
 from flax import struct, traverse_util
 
-from p2p_jax import checkpointing, images, input_pipeline, losses, models, parallel
+from p2p_jax import checkpointing, evaluate, images, input_pipeline, losses, models, parallel
 
 
 class NetState(struct.PyTreeNode):
@@ -324,6 +324,15 @@ def _write_images(writer, state: TrainState, examples: dict, step: int,
   return l1
 
 
+def _validate(writer, validate, state: TrainState, step: int) -> dict:
+  """Scores the held-out split; writes ``val/<metric>`` and returns the metrics."""
+  start = time.time()
+  scores = validate(state.generator.variables)
+  writer.write_scalars(step, {f'val/{key}': value for key, value in scores.items()})
+  logging.info('Validation at step %d (%.1f s): %s', step, time.time() - start, scores)
+  return scores
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        accept_config_changes: bool = False) -> TrainState:
   """Trains pix2pix, resuming from the latest checkpoint in ``workdir/checkpoints``.
@@ -338,6 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     The final train state.
   """
   input_pipeline.validate_config(config)
+  input_pipeline.validate_eval_config(config)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.data.batch_size, mesh)
   num_train = input_pipeline.num_examples(config, config.data.train_split)
@@ -347,7 +357,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pix2pix = create_pix2pix(config, steps_per_epoch)
   replicated = parallel.replicated_sharding(mesh)
 
-  manager = checkpointing.create_manager(workdir, config.max_to_keep)
+  validating = config.eval_every_steps > 0
+  manager = checkpointing.create_manager(workdir, config.max_to_keep,
+                                         config.eval.best_metric if validating else None)
   # Initialised straight into the replicated layout: one program over all processes, not one
   # per host followed by a cross-host broadcast.
   state, train_iter = checkpointing.restore_or_initialize(
@@ -375,6 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   examples = {name: ex for name, ex in (
       ('train', _fixed_examples(config, config.data.train_split)),
       ('heldout', _fixed_examples(config, config.data.eval_split))) if ex is not None}
+  validate = evaluate.make_validation(config, pix2pix.generator, mesh) if validating else None
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
   if config.profile and is_chief:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
@@ -412,11 +425,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if examples and ((step + 1) % config.image_every_steps == 0 or done):
         writer.write_scalars(step + 1, _write_images(writer, state, examples, step + 1,
                                                      generate_fn))
-      if (step + 1) % config.checkpoint_every_steps == 0 or done:
+      val_metrics = None
+      if validate is not None and (step + 1) % config.eval_every_steps == 0:
+        val_metrics = _validate(writer, validate, state, step + 1)
+      if (step + 1) % config.checkpoint_every_steps == 0 or done or val_metrics is not None:
         _fetch_metrics(pending, manager)
         if not bool(_all_finite((state.generator.params, state.discriminator.params))):
           _stop_non_finite(step + 1, 'parameters', manager)
-        checkpointing.save(manager, state, config, batches, force=True)
+        # A validated step is saved with its scores, so the best one can be kept.
+        checkpointing.save(manager, state, config, batches, force=True, metrics=val_metrics)
       if done:
         break
   finally:

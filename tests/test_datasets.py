@@ -194,18 +194,21 @@ def test_cityscapes_builds_from_zips_and_decodes_colour_labels_and_photo(tmp_pat
 # The demo dataset.
 
 
-def test_demo_is_aligned_with_test_photos_unseen_in_train(demo_dir):
-  photo = lambda path: os.path.basename(path).rsplit('_', 1)[0]
+def test_demo_pairs_are_label_maps_and_photos_with_heldout_layouts_unseen_in_train(demo_dir):
+  from p2p_jax import demo_data
   splits = {s: datasets.list_aligned_images(demo_dir, s) for s in datasets.SPLITS}
-  assert 12 <= len(splits['train']) <= 20 and len(splits['test']) >= 4 and splits['val']
-  train_photos = {photo(p) for p in splits['train']}
-  assert not train_photos & {photo(p) for p in splits['val'] + splits['test']}
+  assert [len(splits[s]) for s in datasets.SPLITS] == [600, 16, 32]
   example = _decode(splits['test'][0])
-  assert example['A'].size == example['B'].size == (datasets.DEMO_SIZE, datasets.DEMO_SIZE)
-  gray, photo = np.asarray(example['A'], np.float32), np.asarray(example['B'], np.float32)
-  assert gray.ndim == 2 or np.abs(gray - gray[..., :1]).mean() < 0.5  # A is grayscale, ...
-  luma = photo @ np.array([0.299, 0.587, 0.114], np.float32)  # ... the luminance of B.
-  assert np.abs(gray.reshape(luma.shape + (-1,))[..., 0] - luma).mean() < 3
+  assert example['A'].size == example['B'].size == (demo_data.DEMO_SIZE,) * 2
+  colours = {tuple(c) for c in np.asarray(example['A']).reshape(-1, 3)}
+  assert colours <= set(demo_data.LABELS.values())  # A holds label colours only.
+  train_a, _ = demo_data.read_pairs(os.path.join(demo_dir, 'train'))
+  test_a, test_b = demo_data.read_pairs(os.path.join(demo_dir, 'test'))
+  train_layouts = {a.tobytes() for a in train_a}
+  assert not train_layouts & {a.tobytes() for a in test_a}
+  scores = demo_data.baselines(test_a, test_b)
+  # The labels say much about the photo, but not everything: a model has room to beat them.
+  assert 0.1 < scores['per_label_mean_colour'] < 0.8 * scores['mean_colour'] < scores['input']
 
 
 def test_prepare_demo_is_idempotent_and_safe_when_called_concurrently(tmp_path):
@@ -222,7 +225,34 @@ def test_prepare_demo_is_idempotent_and_safe_when_called_concurrently(tmp_path):
 def test_prepare_demo_fills_an_empty_folder_and_refuses_a_foreign_one(tmp_path):
   os.makedirs(tmp_path / 'empty')
   assert datasets.prepare_demo(str(tmp_path / 'empty')) == str(tmp_path / 'empty')
-  assert len(datasets.list_aligned_images(str(tmp_path / 'empty'), 'test')) == 4
+  assert len(datasets.list_aligned_images(str(tmp_path / 'empty'), 'test')) == 32
   (tmp_path / 'mine.txt').write_text('')
   with pytest.raises(FileExistsError, match='not empty'):
     datasets.prepare_demo(str(tmp_path))
+
+
+def test_demo_report_command_prints_baselines_and_writes_the_figure(tmp_path, demo_dir):
+  import json
+  import subprocess
+  import sys
+  from conftest import REPO_ROOT
+  from p2p_jax import demo_data
+  eval_dir = tmp_path / 'eval' / '7'
+  os.makedirs(eval_dir / 'images')
+  (eval_dir / 'metrics.json').write_text(json.dumps({'split': 'test', 'L1': 0.05}))
+  for name in ('x', 'y'):
+    for kind, value in (('real_A', 0), ('fake_B', 128), ('real_B', 255)):
+      Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(
+          eval_dir / 'images' / f'{name}_{kind}.png')
+  figure = tmp_path / 'figure.png'
+  result = subprocess.run([sys.executable, '-m', 'p2p_jax.demo_data', f'--eval_dir={eval_dir}',
+                           f'--data_dir={demo_dir}', f'--figure={figure}'], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  scores = json.loads(result.stdout)
+  expected = demo_data.baselines(*demo_data.read_pairs(os.path.join(demo_dir, 'test')))
+  assert scores['per_label_mean_colour'] == pytest.approx(expected['per_label_mean_colour'])
+  assert scores['model_over_best_baseline'] == pytest.approx(0.05 / min(expected.values()))
+  pixels = np.asarray(Image.open(figure))
+  assert pixels.shape == (16, 24, 3)  # Two rows of input | output | target.
+  assert (pixels[:, :8] == 0).all() and (pixels[:, 8:16] == 128).all()

@@ -205,7 +205,7 @@ def test_missing_checkpoint_is_a_clear_error(run, tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoints'):
     evaluate.evaluate(run.config(), str(tmp_path))
   with pytest.raises(FileNotFoundError, match=f'available steps: \\[{STEP}\\]'):
-    evaluate.evaluate(run.config(step=STEP + 1), run.base_workdir)
+    evaluate.evaluate(run.config(step=str(STEP + 1)), run.base_workdir)  # A str field: 'best' too.
 
 
 def test_corrupt_checkpoint_is_a_clear_error(run, tmp_path):

@@ -216,7 +216,7 @@ def test_skip_bad_images_with_only_bad_files_is_an_error_not_a_hang(aligned_conf
 def test_demo_dataset_trains_through_the_aligned_loader(demo_dir, aligned_config):
   aligned_config.data.name = 'demo'
   aligned_config.data.data_dir = demo_dir
-  assert input_pipeline.num_examples(aligned_config, 'train') == 18
+  assert input_pipeline.num_examples(aligned_config, 'train') == 600
   batch = next(input_pipeline.create_train_iterator(aligned_config, seed=0))
   assert batch['A'].shape == (2, 32, 32, 3)
 
