@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from p2p_jax import checkpointing, datasets, images, metrics, models, parallel
+from p2p_jax import checkpointing, datasets, fid, images, metrics, models, parallel
 
 def restore_generator(config: ml_collections.ConfigDict, workdir: str, mesh):
   """Builds the generator and restores its ``{'params', 'batch_stats'}``, replicated on ``mesh``.
@@ -192,6 +192,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ``fake_names``) and ``{name}_real_B.png``, ``index.html`` and ``metrics.json``, and the
   scalars ``eval/L1``, ``eval/PSNR``, ``eval/SSIM`` with a few image rows to TensorBoard in
   ``workdir/eval`` at the checkpoint step. Metrics are averaged over all examples and samples.
+  With ``config.eval.inception_path`` set, also ``FID``, ``KID_mean`` and ``KID_std`` (as
+  ``eval/FID``, ``eval/KID``) of all generated images against the split's real targets, on
+  the uint8 images as written (see ``fid``).
 
   Args:
     config: the run config (``config.eval.*``, ``config.data.*``, model fields).
@@ -211,6 +214,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.create_mesh()
   batch_size = config.eval.batch_size
   parallel.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
+  feature_fn = None
+  if config.eval.inception_path:  # Read and checked before any generator work.
+    feature_fn = fid.load_feature_fn(config.eval.inception_path, mesh, batch_size)
   generator, variables, step = restore_generator(config, workdir, mesh)
   generate_fn = make_generate_fn(generator, mode, config.seed, mesh)
   dataset = input_pipeline.create_eval_dataset(config, config.eval.split)
@@ -221,6 +227,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_writer:
     epath.Path(image_dir).mkdir(parents=True, exist_ok=True)
   names, seen, sums, tb_rows = [], set(), {'L1': 0.0, 'PSNR': 0.0, 'SSIM': 0.0}, []
+  real_u8, fake_u8 = [], []  # For FID / KID: the images as written to disk.
   for example, fakes in _generate_split(dataset, generate_fn, variables, num_samples,
                                         batch_size, mesh):
     name = str(example['name'])
@@ -229,6 +236,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for fake in fakes:
       for key, value in metrics.image_metrics(fake, example['B']).items():
         sums[key] += value
+    if feature_fn is not None:
+      real_u8.append(images.to_uint8(example['B']))
+      fake_u8.extend(images.to_uint8(fake) for fake in fakes)
     if is_writer:
       row = _write_example(image_dir, name, example['A'], fakes, example['B'])
       if len(tb_rows) < config.num_image_examples:
@@ -241,18 +251,23 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {'step': int(step), 'split': config.eval.split, 'mode': mode,
              'num_images': num_images, 'num_samples': num_samples,
              **{key: value / count for key, value in sums.items()}}
+  scalars = {key: results[key] for key in ('L1', 'PSNR', 'SSIM')}
+  if feature_fn is not None:
+    scores = fid.fid_and_kid(feature_fn, real_u8, fake_u8)
+    results.update(FID=scores['fid'], KID_mean=scores['kid_mean'], KID_std=scores['kid_std'])
+    scalars.update(FID=scores['fid'], KID=scores['kid_mean'])
   logging.info('Eval of step %d on %s (%s mode): %s', step, config.eval.split, mode, results)
   from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'),
                                                 just_logging=not is_writer)
-  writer.write_scalars(step, {f'eval/{key}': results[key] for key in ('L1', 'PSNR', 'SSIM')})
+  writer.write_scalars(step, {f'eval/{key}': value for key, value in scalars.items()})
   if tb_rows:
     writer.write_images(step, {'eval/real_A-fake_B-real_B': np.stack(tb_rows)})
   writer.flush()
   writer.close()
   if is_writer:
     epath.Path(out_dir, 'metrics.json').write_text(json.dumps(results, indent=2))
-    summary = ', '.join(f'{key} {results[key]:.4f}' for key in ('L1', 'PSNR', 'SSIM'))
+    summary = ', '.join(f'{key} {value:.4f}' for key, value in scalars.items())
     write_results_page(os.path.join(out_dir, 'index.html'),
                        f'Step {step}, split {config.eval.split}, mode {mode}',
                        f'{num_images} images. {summary}', names, num_samples)
