@@ -52,3 +52,136 @@ def test_features_reproduce_pytorch_fid_including_its_resize(reference, feature_
   error = np.abs(features - expected).max() / np.abs(expected).max()
   assert features.shape == (3, inception.FEATURE_DIM)
   assert error <= 1e-4, error
+
+
+@pytest.mark.parametrize('case', ['regular', 'singular'])
+def test_fid_equals_pytorch_fids_frechet_distance(reference, case):
+  a, b = reference[f'fid_a_{case}'], reference[f'fid_b_{case}']
+  value = fid.fid_from_features(a, b)
+  assert value == pytest.approx(float(reference[f'fid_value_{case}']), rel=1e-4)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_both_scores_ignore_order(reference):
+  a, b = reference['fid_a_regular'][:40], reference['fid_b_regular']
+  assert abs(fid.fid_from_features(a, a)) < 1e-6
+  rng = np.random.default_rng(0)
+  shuffled_a, shuffled_b = a[rng.permutation(len(a))], b[rng.permutation(len(b))]
+  assert fid.fid_from_features(shuffled_a, shuffled_b) == pytest.approx(
+      fid.fid_from_features(a, b), rel=1e-9)
+  # Subsets of 40 (all of a): each subset of a is a whole, and b's draws are a fixed seed's.
+  kid = fid.kid_from_features(a, b[:40], num_subsets=5)
+  assert kid == pytest.approx(fid.kid_from_features(shuffled_a, b[:40][::-1], num_subsets=5))
+  assert kid[1] == pytest.approx(0, abs=1e-12)
+
+
+def test_kid_equals_the_direct_unbiased_double_sum():
+  rng = np.random.default_rng(1)
+  x, y = rng.standard_normal((12, 5)), 0.3 + rng.standard_normal((12, 5))
+  d, m = x.shape[1], len(x)
+  k = lambda u, v: (u @ v / d + 1) ** 3
+  same = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+  cross = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+  expected = same / (m * (m - 1)) - 2 * cross / m ** 2
+  assert fid.polynomial_mmd2(x, y) == pytest.approx(expected, rel=1e-10)
+  assert fid.kid_from_features(x, y, num_subsets=3)[0] == pytest.approx(expected, rel=1e-10)
+  # Subsets smaller than the sets: the mean over subsets of their MMDs, with a fixed seed.
+  mean, std = fid.kid_from_features(x, y, num_subsets=20, max_subset_size=6)
+  assert (mean, std) == fid.kid_from_features(x, y, num_subsets=20, max_subset_size=6)
+  assert std > 0
+
+
+def test_missing_weights_file_names_the_path_the_file_and_where_to_get_it(tmp_path):
+  path = str(tmp_path / 'nowhere.pth')
+  with pytest.raises(FileNotFoundError) as error:
+    inception.load_variables(path)
+  for part in (path, inception.WEIGHTS_FILE, inception.WEIGHTS_URL):
+    assert part in str(error.value)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_naming_it(tmp_path):
+  path = str(tmp_path / inception.WEIGHTS_FILE)
+  with open(path, 'wb') as f:
+    f.write(b'not a checkpoint')
+  with pytest.raises(ValueError) as error:
+    inception.load_variables(path)
+  assert path in str(error.value) and inception.WEIGHTS_URL in str(error.value)
+
+
+@pytest.mark.parametrize('change', ['missing', 'shape', 'unexpected'])
+def test_weights_of_another_network_are_refused_naming_the_key(change):
+  key = 'Mixed_6b.branch1x1.conv.weight'
+  shapes = dict(inception.expected_shapes())
+  if change == 'missing':
+    del shapes[key]
+  elif change == 'shape':
+    shapes[key] = (1, 1, 1, 1)
+  else:
+    shapes[key.replace('6b', '6f')] = (1,)
+  state_dict = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+  with pytest.raises(inception.WeightsError) as error:
+    inception.variables_from_state_dict(state_dict, 'other.pth')
+  message = str(error.value)
+  assert 'other.pth' in message and inception.WEIGHTS_URL in message
+  assert (key.replace('6b', '6f') if change == 'unexpected' else key) in message
+
+
+def test_eval_checks_the_inception_path_before_restoring_the_generator(tmp_path):
+  config = make_tiny_config(**{'eval.inception_path': str(tmp_path / 'missing.pth')})
+  with pytest.raises(FileNotFoundError, match=inception.WEIGHTS_FILE):
+    evaluate.evaluate(config, str(tmp_path / 'no_checkpoint'))
+
+
+def _read_pngs(folder, suffix):
+  return [np.asarray(Image.open(os.path.join(folder, name)).convert('RGB'))
+          for name in sorted(os.listdir(folder)) if name.endswith(suffix)]
+
+
+def _run(args, cache_dir):
+  # A shared compilation cache: the eval and the folder CLI compile the same Inception.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  result = subprocess.run([sys.executable, '-m'] + args, cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def test_cli_eval_and_folder_cli_report_fid_and_kid_of_the_written_images(
+    tmp_path, weights_path, feature_fn):
+  """``--mode=eval`` writes FID / KID to metrics.json and the page; ``python -m p2p_jax.fid`` on
+  the written real_B and fake_B images prints the same scores, as does the library."""
+  overrides = {'model.netG': 'resnet_6blocks', 'model.ngf': 4, 'data.load_size': 32,
+               'data.crop_size': 32, 'eval.batch_size': 4}
+  data_dir = write_aligned_dataset(str(tmp_path / 'data'), (('test', 3),), 32)
+  workdir = str(tmp_path / 'run')
+  save_random_generator(workdir, make_tiny_config(**overrides), STEP)
+  _run(['p2p_jax.main', '--config=configs/default.py', f'--workdir={workdir}', '--mode=eval']
+       + tiny_flags(**overrides, **{'data.data_dir': data_dir,
+                                    'eval.inception_path': weights_path}), tmp_path / 'cache')
+  out_dir = os.path.join(workdir, 'eval', str(STEP))
+  results = json.load(open(os.path.join(out_dir, 'metrics.json')))
+  images = os.path.join(out_dir, 'images')
+  expected = fid.fid_and_kid(feature_fn, _read_pngs(images, '_real_B.png'),
+                             _read_pngs(images, '_fake_B.png'))
+  assert results['FID'] == pytest.approx(expected['fid'], rel=1e-4)
+  assert results['KID_mean'] == pytest.approx(expected['kid_mean'], rel=1e-4, abs=1e-8)
+  assert results['KID_std'] == pytest.approx(expected['kid_std'], abs=1e-8)
+  assert results['FID'] > 0
+  assert f"FID {results['FID']:.4f}" in open(os.path.join(out_dir, 'index.html')).read()
+
+  real_dir, fake_dir = tmp_path / 'real', tmp_path / 'fake'
+  os.makedirs(real_dir)
+  os.makedirs(fake_dir)
+  for name in sorted(os.listdir(images)):
+    if name.endswith(('_real_B.png', '_fake_B.png')):
+      target = real_dir if name.endswith('_real_B.png') else fake_dir
+      Image.open(os.path.join(images, name)).save(target / name)
+  Image.fromarray(np.full((40, 24), 128, np.uint8)).save(fake_dir / 'grey_other_size.png')
+  result = _run(['p2p_jax.fid', f'--inception_path={weights_path}', '--batch_size=4',
+                 str(real_dir), str(fake_dir)], tmp_path / 'cache')
+  printed = json.loads(result.stdout.strip().splitlines()[-1])
+  expected = fid.fid_and_kid(feature_fn, _read_pngs(real_dir, '.png'),
+                             _read_pngs(fake_dir, '.png'))
+  assert printed['num_real'] == 3 and printed['num_fake'] == 4
+  for key in ('fid', 'kid_mean', 'kid_std'):
+    assert printed[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-8)
