@@ -64,8 +64,8 @@ def preprocess(image: np.ndarray) -> np.ndarray:
   x = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
   x = x.astype(np.float32) / np.float32(255)
   size = inception.INPUT_SIZE
-  x = np.einsum('oh,hwc,pw->opc', _resize_matrix(x.shape[0], size), x,
-                _resize_matrix(x.shape[1], size))
+  x = np.tensordot(_resize_matrix(x.shape[0], size), x, axes=1)  # Rows: (299, W, 3).
+  x = np.matmul(_resize_matrix(x.shape[1], size), x)  # Columns, per row: (299, 299, 3).
   return 2 * x - 1
 
 
