@@ -189,3 +189,16 @@ def test_cli_eval_and_folder_cli_report_the_same_fid_and_kid(tmp_path, weights_p
   assert printed['fid'] == pytest.approx(results['FID'], rel=1e-4)
   assert printed['kid_mean'] == pytest.approx(results['KID_mean'], rel=1e-4)
   assert printed['kid_std'] <= 1e-6 * abs(printed['kid_mean'])
+
+
+def test_main_refuses_a_missing_inception_file_before_training(tmp_path):
+  workdir, missing = tmp_path / 'run', str(tmp_path / inception.WEIGHTS_FILE)
+  result = subprocess.run(
+      [sys.executable, '-m', 'p2p_jax.main', '--config=configs/default.py',
+       f'--workdir={workdir}', '--mode=train', f'--config.eval.inception_path={missing}']
+      + tiny_flags(), cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if line.startswith('ERROR:')]
+  assert len(errors) == 1 and missing in errors[0] and inception.WEIGHTS_URL in errors[0]
+  assert not os.path.exists(workdir / 'checkpoints')
