@@ -202,3 +202,26 @@ def test_main_refuses_a_missing_inception_file_before_training(tmp_path):
   errors = [line for line in result.stderr.splitlines() if line.startswith('ERROR:')]
   assert len(errors) == 1 and missing in errors[0] and inception.WEIGHTS_URL in errors[0]
   assert not os.path.exists(workdir / 'checkpoints')
+
+
+_TWO_DEVICE_SCRIPT = '''
+import numpy as np, jax
+from p2p_jax import fid, parallel
+assert jax.device_count() == 2
+reference = np.load({npz!r})
+feature_fn = fid.load_feature_fn({weights!r}, parallel.create_mesh(), batch_size=1)
+np.save({out!r}, feature_fn(list(reference['inputs'])))
+'''
+
+
+def test_features_are_the_same_sharded_over_two_devices(tmp_path, reference, weights_path):
+  out = str(tmp_path / 'features.npy')
+  script = _TWO_DEVICE_SCRIPT.format(npz=os.path.join(FIXTURES, 'inception_fid.npz'),
+                                     weights=weights_path, out=out)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', script], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  expected = reference['features']  # 3 images in batches of 2 (rounded up from 1): padded.
+  assert np.abs(np.load(out) - expected).max() / np.abs(expected).max() <= 1e-4
