@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.mode = 'paper'  # 'paper' (batch stats + dropout) or 'eval' (running stats).
   config.eval.num_samples = 1  # Stochastic samples per input in 'paper' mode.
   config.eval.batch_size = 1
+  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth: FID and KID in eval ('' = none).
+  config.eval.inception_path = ''
 
   config.translate = ml_collections.ConfigDict()
   config.translate.input_dir = ''

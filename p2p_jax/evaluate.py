@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from p2p_jax import checkpointing, datasets, images, metrics, models, parallel
+from p2p_jax import checkpointing, datasets, fid, images, metrics, models, parallel
 
 def restore_generator(config: ml_collections.ConfigDict, workdir: str, mesh):
   """Builds the generator and restores its ``{'params', 'batch_stats'}``, replicated on ``mesh``.
@@ -206,7 +206,8 @@ def _write_example(image_dir: str, name: str, real_a, fakes, real_b) -> np.ndarr
 
 
 def score_split(dataset, generate_fn, variables, num_samples: int, batch_size: int, mesh,
-                max_examples: int = -1, on_example: Optional[Callable] = None) -> dict:
+                max_examples: int = -1, on_example: Optional[Callable] = None,
+                feature_fn: Optional[Callable] = None) -> dict:
   """The mean image metrics of the generator over (the first ``max_examples`` of) a split.
 
   Args:
@@ -218,21 +219,31 @@ def score_split(dataset, generate_fn, variables, num_samples: int, batch_size: i
     mesh: the device mesh.
     max_examples: -1 for the whole split.
     on_example: called as ``on_example(example, fakes)`` for each example, in order.
+    feature_fn: ``fid.load_feature_fn``'s Inception features, or None (no FID / KID).
 
   Returns:
     ``{'L1', 'PSNR', 'SSIM'}`` averaged over all examples and samples (NaN for an empty
-    split); further metrics (e.g. FID over all fakes) join this dict.
+    split), and with ``feature_fn`` ``FID``, ``KID_mean``, ``KID_std`` of all fakes against
+    the real targets, on the uint8 images as written to disk.
   """
   sums, count = {'L1': 0.0, 'PSNR': 0.0, 'SSIM': 0.0}, 0
+  real_u8, fake_u8 = [], []
   for example, fakes in _generate_split(dataset, generate_fn, variables, num_samples,
                                         batch_size, mesh, max_examples):
     for fake in fakes:
       for key, value in metrics.image_metrics(fake, example['B']).items():
         sums[key] += value
       count += 1
+    if feature_fn is not None:
+      real_u8.append(images.to_uint8(example['B']))
+      fake_u8.extend(images.to_uint8(fake) for fake in fakes)
     if on_example is not None:
       on_example(example, fakes)
-  return {key: value / count if count else float('nan') for key, value in sums.items()}
+  scores = {key: value / count if count else float('nan') for key, value in sums.items()}
+  if feature_fn is not None and count:
+    fid_kid = fid.fid_and_kid(feature_fn, real_u8, fake_u8)
+    scores.update(FID=fid_kid['fid'], KID_mean=fid_kid['kid_mean'], KID_std=fid_kid['kid_std'])
+  return scores
 
 
 def make_validation(config: ml_collections.ConfigDict, generator, mesh):
@@ -260,8 +271,11 @@ def make_validation(config: ml_collections.ConfigDict, generator, mesh):
   generate_fn = make_generate_fn(generator, config.eval.mode, config.seed, mesh)
   batch_size = config.eval.batch_size
   parallel.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
+  feature_fn = None
+  if config.eval.inception_path:  # FID / KID join val/ (a 2048-d sqrtm per validation).
+    feature_fn = fid.load_feature_fn(config.eval.inception_path, mesh, batch_size)
   return lambda variables: score_split(dataset, generate_fn, variables, 1, batch_size, mesh,
-                                       config.eval.max_examples)
+                                       config.eval.max_examples, feature_fn=feature_fn)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -271,6 +285,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ``fake_names``) and ``{name}_real_B.png``, ``index.html`` and ``metrics.json``, and the
   scalars ``eval/L1``, ``eval/PSNR``, ``eval/SSIM`` with a few image rows to TensorBoard in
   ``workdir/eval`` at the checkpoint step. Metrics are averaged over all examples and samples.
+  With ``config.eval.inception_path`` set, also ``FID``, ``KID_mean`` and ``KID_std`` of all
+  generated images against the split's real targets, on
+  the uint8 images as written (see ``fid``); TensorBoard gets every score as ``eval/<name>``.
 
   Args:
     config: the run config (``config.eval.*``, ``config.data.*``, model fields).
@@ -291,6 +308,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.create_mesh()
   batch_size = config.eval.batch_size
   parallel.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
+  feature_fn = None
+  if config.eval.inception_path:  # Read and checked before any generator work.
+    feature_fn = fid.load_feature_fn(config.eval.inception_path, mesh, batch_size)
   generator, variables, step = restore_generator(config, workdir, mesh)
   generate_fn = make_generate_fn(generator, mode, config.seed, mesh)
   dataset = input_pipeline.create_eval_dataset(config, config.eval.split)
@@ -312,7 +332,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tb_rows.append(row)
 
   scores = score_split(dataset, generate_fn, variables, num_samples, batch_size, mesh,
-                       config.eval.max_examples, on_example=write)
+                       config.eval.max_examples, on_example=write, feature_fn=feature_fn)
   num_images = len(names)
   if not num_images:
     raise ValueError(f'Split {config.eval.split!r} of the dataset is empty.')
@@ -329,7 +349,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
   if is_writer:
     epath.Path(out_dir, 'metrics.json').write_text(json.dumps(results, indent=2))
-    summary = ', '.join(f'{key} {results[key]:.4f}' for key in ('L1', 'PSNR', 'SSIM'))
+    summary = ', '.join(f'{key} {value:.4f}' for key, value in scores.items())
     write_results_page(os.path.join(out_dir, 'index.html'),
                        f'Step {step}, split {config.eval.split}, mode {mode}',
                        f'{num_images} images. {summary}', names, num_samples)

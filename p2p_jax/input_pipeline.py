@@ -85,6 +85,9 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.best_metric not in metrics.LOWER_IS_BETTER:
     raise ValueError(f'config.eval.best_metric={config.eval.best_metric!r}: must be one of '
                      f'{", ".join(metrics.LOWER_IS_BETTER)}.')
+  if config.eval.best_metric in ('FID', 'KID_mean') and not config.eval.inception_path:
+    raise ValueError(f'config.eval.best_metric={config.eval.best_metric!r} needs '
+                     'config.eval.inception_path (the FID Inception weights).')
   max_examples = config.eval.max_examples
   if not isinstance(max_examples, int) or not (max_examples == -1 or max_examples > 0):
     raise ValueError(f'config.eval.max_examples={max_examples!r}: must be -1 (the whole '

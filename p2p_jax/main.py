@@ -92,6 +92,9 @@ def _log_to_workdir(path: str, config) -> None:
 
 def run(config, workdir: str, mode: str, log_path: str) -> None:
   """Joins the distributed runtime (if asked), then trains, evaluates or translates."""
+  if config.eval.inception_path:  # A missing file fails now, not after training or eval.
+    from p2p_jax import inception  # pylint: disable=g-import-not-at-top
+    inception.check_path(config.eval.inception_path)
   from p2p_jax import host_memory  # pylint: disable=g-import-not-at-top
   if host_memory.jax_runs_on_cpu():  # Before JAX creates its CPU client.
     host_memory.keep_freed_memory_mapped()

@@ -53,7 +53,7 @@ def psnr(x: np.ndarray, y: np.ndarray) -> float:
 
 
 # Whether lower is better, for each metric a checkpoint can be ranked by (eval.best_metric).
-LOWER_IS_BETTER = {'L1': True, 'PSNR': False, 'SSIM': False}
+LOWER_IS_BETTER = {'L1': True, 'PSNR': False, 'SSIM': False, 'FID': True, 'KID_mean': True}
 
 
 def image_metrics(fake: np.ndarray, real: np.ndarray) -> dict:

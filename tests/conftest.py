@@ -1,7 +1,9 @@
 """Shared test fixtures: configs loaded from configs/*.py by path, as the CLI does."""
 import importlib.util
 import os
+import struct
 import tempfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -88,8 +90,54 @@ def aligned_config(tmp_path):
   return config
 
 
+def save_random_generator(workdir: str, config, step: int) -> None:
+  """Random generator variables of ``config``'s structure, saved as a checkpoint at ``step``."""
+  import jax
+  from p2p_jax import checkpointing, models
+  generator = models.create_generator(config.model, config.data.output_nc)
+  size = config.data.crop_size
+  # Numpy values in the eval_shape structure: an eager flax init compiles op by op (slow).
+  abstract = jax.eval_shape(lambda: models.init_variables(
+      generator, jax.random.PRNGKey(0), (1, size, size, config.data.input_nc)))
+  rng = np.random.default_rng(1)
+  variables = {
+      'params': jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(x.dtype),
+                             abstract['params']),
+      # Non-trivial running statistics, so that 'eval' and 'paper' modes differ.
+      'batch_stats': jax.tree.map(lambda x: rng.uniform(0.1, 1, x.shape).astype(x.dtype),
+                                  abstract['batch_stats'])}
+  checkpointing.save_generator(workdir, step, config, variables)
+
+
 @pytest.fixture(scope='session')
 def demo_dir(tmp_path_factory):
   """The demo dataset, written once per test session."""
   from p2p_jax import datasets
   return datasets.prepare_demo(str(tmp_path_factory.mktemp('demo') / 'demo'))
+
+
+def _pickle_text(s: str) -> bytes:
+  data = s.encode()
+  return b'X' + struct.pack('<I', len(data)) + data  # BINUNICODE
+
+
+def _pickle_ints(values) -> bytes:
+  return b'(' + b''.join(b'J' + struct.pack('<i', v) for v in values) + b't'
+
+
+def write_pth(path: str, state_dict: dict) -> str:
+  """Writes ``{key: float32 array}`` as torch.save lays a state_dict out (no torch): a zip of
+  a protocol-2 pickle and one little-endian storage per tensor, each contiguous."""
+  pkl = b'\x80\x02ccollections\nOrderedDict\n)R('
+  with zipfile.ZipFile(path, 'w') as archive:
+    for i, (key, value) in enumerate(state_dict.items()):
+      value = np.ascontiguousarray(value, '<f4')
+      strides = [s // 4 for s in value.strides]
+      pid = (b'(' + _pickle_text('storage') + b'ctorch\nFloatStorage\n' + _pickle_text(str(i))
+             + _pickle_text('cpu') + b'J' + struct.pack('<i', value.size) + b'tQ')
+      pkl += (_pickle_text(key) + b'ctorch._utils\n_rebuild_tensor_v2\n(' + pid
+              + b'J\x00\x00\x00\x00' + _pickle_ints(value.shape) + _pickle_ints(strides) + b'\x89)tR')
+      archive.writestr(f'archive/data/{i}', value.tobytes())
+    archive.writestr('archive/data.pkl', pkl + b'u.')
+    archive.writestr('archive/byteorder', 'little')
+  return path

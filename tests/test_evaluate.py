@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from conftest import REPO_ROOT, make_tiny_config, tiny_flags, write_aligned_dataset
+from conftest import (REPO_ROOT, make_tiny_config, save_random_generator, tiny_flags,
+                      write_aligned_dataset)
 from p2p_jax import checkpointing, evaluate, metrics, models, parallel
 
 SIZE = 32
@@ -34,29 +35,13 @@ def _config(data_dir=''):
   return make_tiny_config(**EVAL_OVERRIDES, **{'data.data_dir': data_dir})
 
 
-def _save_checkpoint(workdir, config):
-  """Random generator variables of the right structure, saved as a checkpoint at STEP."""
-  generator = models.create_generator(config.model, config.data.output_nc)
-  # Numpy values in the eval_shape structure: an eager flax init compiles op by op (slow).
-  abstract = jax.eval_shape(lambda: models.init_variables(
-      generator, jax.random.PRNGKey(0), (1, SIZE, SIZE, config.data.input_nc)))
-  rng = np.random.default_rng(1)
-  variables = {
-      'params': jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(x.dtype),
-                             abstract['params']),
-      # Non-trivial running statistics, so that 'eval' and 'paper' modes differ.
-      'batch_stats': jax.tree.map(lambda x: rng.uniform(0.1, 1, x.shape).astype(x.dtype),
-                                  abstract['batch_stats'])}
-  checkpointing.save_generator(workdir, STEP, config, variables)
-
-
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   """A data folder and a checkpointed workdir; ``run.evaluate(**overrides)`` evaluates a copy."""
   root = tmp_path_factory.mktemp('eval')
   data_dir = write_aligned_dataset(str(root / 'data'), (('test', 3), ('val', 2)), SIZE)
   base = str(root / 'base')
-  _save_checkpoint(base, _config())
+  save_random_generator(base, _config(), STEP)
 
   class Run:
     root_dir = root
