@@ -127,6 +127,24 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
   return iter(ds)
 
 
+def close_iterator(iterator) -> None:
+  """Closes a grain iterator and every iterator it holds: worker processes end and their
+  shared memory is unlinked (else Python reports it as leaked at exit).
+
+  grain's ``mp_prefetch`` hands out an interleave of per-worker iterators whose ``close()``
+  does not reach them, so they are found (through grain's attributes) and closed here too.
+  """
+  pending, seen = [iterator], set()
+  while pending:
+    it = pending.pop()
+    if id(it) in seen or not hasattr(it, 'close'):
+      continue
+    seen.add(id(it))
+    pending.extend(getattr(it, '_parents', ()))
+    pending.extend(child for child in getattr(it, '_iterators_in_use', ()) if child is not None)
+    it.close()
+
+
 def create_eval_dataset(config: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
   """The deterministic, random-access evaluation dataset of ``split`` (not sharded).
 
@@ -317,8 +335,7 @@ def benchmark(config: ml_collections.ConfigDict, num_images: int = 512,
     for _ in range(num_batches):
       next(iterator)
     seconds = time.perf_counter() - start
-    if hasattr(iterator, 'close'):
-      iterator.close()
+    close_iterator(iterator)
     images = num_batches * host_batch
     results.append({'num_workers': num_workers, 'images_per_sec': images / seconds,
                     'batch_size': host_batch, 'num_images': images, 'seconds': seconds,

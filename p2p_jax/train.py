@@ -315,38 +315,19 @@ def _write_images(writer, state: TrainState, examples: dict, step: int,
   return l1
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       accept_config_changes: bool = False) -> TrainState:
-  """Trains pix2pix, resuming from the latest checkpoint in ``workdir/checkpoints``.
+def _tracked(iterators: list, iterator):
+  iterators.append(iterator)
+  return iterator
 
-  Args:
-    config: the experiment config (configs/*.py).
-    workdir: checkpoints, TensorBoard event files and the config go here.
-    accept_config_changes: resume even where the config changes the training trajectory
-      (see ``checkpointing.check_config_changes``).
+
+def _train_loop(config, workdir: str, pix2pix: Pix2Pix, mesh, manager, state: TrainState,
+                train_iter, num_train: int, steps_per_epoch: int,
+                num_steps: int) -> tuple[TrainState, bool]:
+  """Runs the steps from ``state.step`` to ``num_steps``: metrics, images, checkpoints.
 
   Returns:
-    The final train state.
+    The final state, and whether the run stopped early on request (SIGTERM / Ctrl-C).
   """
-  input_pipeline.validate_config(config)
-  mesh = parallel.create_mesh()
-  parallel.check_batch_size(config.data.batch_size, mesh)
-  num_train = input_pipeline.num_examples(config, config.data.train_split)
-  steps_per_epoch = max(1, num_train // config.data.batch_size)
-  num_steps = (config.optim.num_train_steps if config.optim.num_train_steps > 0 else
-               (config.optim.n_epochs + config.optim.n_epochs_decay) * steps_per_epoch)
-  pix2pix = create_pix2pix(config, steps_per_epoch)
-  replicated = parallel.replicated_sharding(mesh)
-
-  manager = checkpointing.create_manager(workdir, config.max_to_keep)
-  # Initialised straight into the replicated layout: one program over all processes, not one
-  # per host followed by a cross-host broadcast.
-  state, train_iter = checkpointing.restore_or_initialize(
-      manager, lambda: create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed),
-                                          replicated),
-      replicated,
-      lambda start_step: input_pipeline.create_train_iterator(config, config.seed, start_step),
-      config, accept_config_changes)
   start_step = int(state.step)
 
   is_chief = jax.process_index() == 0
@@ -404,12 +385,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         break
   finally:
     stop.restore()
+    writer.flush()
+  return state, stop.requested
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       accept_config_changes: bool = False) -> TrainState:
+  """Trains pix2pix, resuming from the latest checkpoint in ``workdir/checkpoints``.
+
+  Args:
+    config: the experiment config (configs/*.py).
+    workdir: checkpoints, TensorBoard event files and the config go here.
+    accept_config_changes: resume even where the config changes the training trajectory
+      (see ``checkpointing.check_config_changes``).
+
+  Returns:
+    The final train state.
+  """
+  input_pipeline.validate_config(config)
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.data.batch_size, mesh)
+  num_train = input_pipeline.num_examples(config, config.data.train_split)
+  steps_per_epoch = max(1, num_train // config.data.batch_size)
+  num_steps = (config.optim.num_train_steps if config.optim.num_train_steps > 0 else
+               (config.optim.n_epochs + config.optim.n_epochs_decay) * steps_per_epoch)
+  pix2pix = create_pix2pix(config, steps_per_epoch)
+  replicated = parallel.replicated_sharding(mesh)
+
+  if config.init_from:  # A bad init_from is found before any data or model is built.
+    checkpointing.resolve_init_from(config.init_from)
+  manager = checkpointing.create_manager(workdir, config.max_to_keep)
+  iterators = []  # Closed on every way out: grain's workers and their shared memory end.
+  try:
+    # Initialised straight into the replicated layout: one program over all processes, not
+    # one per host followed by a cross-host broadcast.
+    state, train_iter = checkpointing.restore_or_initialize(
+        manager, lambda: create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed),
+                                            replicated),
+        replicated,
+        lambda start_step: _tracked(iterators, input_pipeline.create_train_iterator(
+            config, config.seed, start_step)),
+        config, accept_config_changes)
+    state, stopped = _train_loop(config, workdir, pix2pix, mesh, manager, state, train_iter,
+                                 num_train, steps_per_epoch, num_steps)
+  finally:
     manager.wait_until_finished()  # Never exit with a save half-written.
     manager.close()
-    if hasattr(train_iter, 'close'):  # Ends grain's worker processes and their shared memory.
-      train_iter.close()
-    writer.flush()
-  if stop.requested:
+    for iterator in iterators:
+      input_pipeline.close_iterator(iterator)
+  if stopped:
     logging.warning('Stopped at step %d on request; resume by running the same command.',
                     int(state.step))
   return state
