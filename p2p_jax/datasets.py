@@ -15,7 +15,7 @@ import io
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -40,9 +40,12 @@ class Source:
     records: random-access records (file paths, or TFDS examples with undecoded images).
     decode: ``record -> {'A': PIL.Image, 'B': PIL.Image, 'name': str}``; raises
       ``BadImageError``. A picklable function, since grain sends it to worker processes.
+    files: ``record -> tuple of file paths`` for sources of files (which
+      ``file_check`` checks before training), None for others (TFDS).
   """
   records: Sequence[Any]
   decode: Callable[[Any], dict]
+  files: Optional[Callable[[Any], tuple]] = None
 
 
 def get_source(config: ml_collections.ConfigDict, split: str) -> Source:
@@ -66,7 +69,8 @@ def get_source(config: ml_collections.ConfigDict, split: str) -> Source:
     # loader does, instead of requiring width == 2 * height.
     check_shape = config.data.get('check_ab_shape', True)
     return Source(records=list_aligned_images(data_dir, split),
-                  decode=functools.partial(decode_aligned, check_shape=check_shape, **convert))
+                  decode=functools.partial(decode_aligned, check_shape=check_shape, **convert),
+                  files=one_file)
   if name == 'cityscapes':
     return Source(records=cityscapes_records(config.data.data_dir,
                                              config.data.manual_dir, split),
@@ -174,6 +178,11 @@ def list_aligned_images(data_dir: str, split: str) -> list[str]:
     raise FileNotFoundError(f'Split folder {split_dir} holds no images (looked for '
                             f'{", ".join(IMAGE_EXTENSIONS)}).')
   return paths
+
+
+def one_file(path: str) -> tuple:
+  """The files of an aligned record: the A|B image itself."""
+  return (path,)
 
 
 def decode_aligned(path: str, *, direction: str, input_nc: int, output_nc: int,

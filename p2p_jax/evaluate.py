@@ -211,9 +211,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.create_mesh()
   batch_size = config.eval.batch_size
   parallel.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
+  input_pipeline.validate_config(config)
+  from p2p_jax import file_check  # pylint: disable=g-import-not-at-top
+  # Every file is decoded once before the generator is restored (cached in the workdir).
+  source = file_check.checked_source(datasets.get_source(config, config.eval.split), config,
+                                     config.eval.split, workdir,
+                                     is_writer=jax.process_index() == 0)
   generator, variables, step = restore_generator(config, workdir, mesh)
   generate_fn = make_generate_fn(generator, mode, config.seed, mesh)
-  dataset = input_pipeline.create_eval_dataset(config, config.eval.split)
+  dataset = input_pipeline.create_eval_dataset(config, config.eval.split, source)
 
   is_writer = jax.process_index() == 0
   out_dir = os.path.join(workdir, 'eval', str(step))

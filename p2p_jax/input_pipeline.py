@@ -12,9 +12,11 @@ only its rows of each global batch: process p of P takes rows [p * B/P, (p + 1) 
 global batch b. So the global batches are the same whatever the number of processes, and
 ``parallel.to_global`` puts each process's rows back at their global positions.
 
-Batching comes after ``to_iter_dataset`` so that ``skip_bad_images`` can drop elements (grain
-batches a dataset with holes only as an ``IterDataset``); batches therefore run across epoch
-boundaries and no example is ever dropped. Everything random is a function of the seed and
+Bad files are found before training (``file_check``) and, with ``skip_bad_images``, left out
+of the source before shuffling. A file that goes bad later (or a TFDS record) is still
+skipped as it is read: batching comes after ``to_iter_dataset`` so that it can drop elements
+(grain batches a dataset with holes only as an ``IterDataset``); batches therefore run
+across epoch boundaries and no example is ever dropped. Everything random is a function of the seed and
 the element's global position, so the iterator's ``get_state()`` fully describes where it is.
 (A skipped file moves a process's later rows up by one, so only runs without skipped files
 keep exactly the same global batches on another number of processes.)
@@ -23,7 +25,7 @@ Evaluation has no jitter: both images are resized to ``crop_size``.
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import grain
 import jax
@@ -81,8 +83,8 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   return len(datasets.get_source(config, split).records)
 
 
-def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
-                          start_step: int = 0) -> grain.DatasetIterator:
+def create_train_iterator(config: ml_collections.ConfigDict, seed: int, start_step: int = 0,
+                          source: Optional[datasets.Source] = None) -> grain.DatasetIterator:
   """The infinite, jittered, checkpointable training iterator of this process.
 
   Args:
@@ -104,7 +106,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
   """
   validate_config(config)
   parallel.check_batch_splits_over_processes(config.data.batch_size)
-  source = datasets.get_source(config, config.data.train_split)
+  source = source or datasets.get_source(config, config.data.train_split)
   host_batch = config.data.batch_size // jax.process_count()
   # The same seed on every process: all build the same global sequence (see HostRows). The
   # derivation is fixed, as every run's batches depend on it.
@@ -145,12 +147,14 @@ def close_iterator(iterator) -> None:
     it.close()
 
 
-def create_eval_dataset(config: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
+def create_eval_dataset(config: ml_collections.ConfigDict, split: str,
+                        source: Optional[datasets.Source] = None) -> grain.MapDataset:
   """The deterministic, random-access evaluation dataset of ``split`` (not sharded).
 
   Args:
     config: the experiment config.
     split: 'train', 'val' or 'test'.
+    source: the split's source (e.g. checked); None to list it from the config.
 
   Returns:
     A ``MapDataset`` of ``{'A': float32 (crop, crop, input_nc), 'B': float32 (crop, crop,
@@ -159,7 +163,7 @@ def create_eval_dataset(config: ml_collections.ConfigDict, split: str) -> grain.
     (``to_iter_dataset()`` leaves those out).
   """
   validate_config(config)
-  source = datasets.get_source(config, split)
+  source = source or datasets.get_source(config, split)
   ds = grain.MapDataset.source(source.records)
   ds = ds.map(DecodeOrSkip(source.decode, config.data.skip_bad_images, len(ds)))
   return ds.map(functools.partial(resize_for_eval, crop_size=config.data.crop_size))

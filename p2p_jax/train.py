@@ -15,7 +15,8 @@ import optax
 from absl import logging
 from flax import struct, traverse_util
 
-from p2p_jax import checkpointing, images, input_pipeline, losses, models, parallel
+from p2p_jax import (checkpointing, datasets, file_check, images, input_pipeline, losses,
+                     models, parallel)
 
 
 class NetState(struct.PyTreeNode):
@@ -287,13 +288,25 @@ def _fetch_metrics(pending: list, manager) -> dict:
   return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]} if fetched else {}
 
 
-def _fixed_examples(config, split: str) -> Optional[dict]:
-  """The first ``num_image_examples`` of ``split`` (un-jittered), or None if it has none."""
+def _checked_source(config, split: str, workdir: str, required: bool = True):
+  """The split's source with every file checked (see ``file_check``); None if the split has
+  no folder and is not ``required``."""
   try:
-    dataset = input_pipeline.create_eval_dataset(config, split)
+    source = datasets.get_source(config, split)
   except FileNotFoundError as e:
+    if required:
+      raise
     logging.warning('No %s images for TensorBoard: %s', split, e)
     return None
+  return file_check.checked_source(source, config, split, workdir,
+                                   is_writer=jax.process_index() == 0)
+
+
+def _fixed_examples(config, split: str, source) -> Optional[dict]:
+  """The first ``num_image_examples`` of ``source`` (un-jittered), or None if it has none."""
+  if source is None:
+    return None
+  dataset = input_pipeline.create_eval_dataset(config, split, source)
   examples = [dataset[i] for i in range(min(config.num_image_examples, len(dataset)))]
   examples = [e for e in examples if e is not None]
   if not examples:
@@ -321,9 +334,11 @@ def _tracked(iterators: list, iterator):
 
 
 def _train_loop(config, workdir: str, pix2pix: Pix2Pix, mesh, manager, state: TrainState,
-                train_iter, num_train: int, steps_per_epoch: int,
+                train_iter, examples: dict, num_train: int, steps_per_epoch: int,
                 num_steps: int) -> tuple[TrainState, bool]:
   """Runs the steps from ``state.step`` to ``num_steps``: metrics, images, checkpoints.
+
+  ``examples`` maps a name to the fixed ``{'A', 'B'}`` batch shown in TensorBoard.
 
   Returns:
     The final state, and whether the run stopped early on request (SIGTERM / Ctrl-C).
@@ -344,9 +359,6 @@ def _train_loop(config, workdir: str, pix2pix: Pix2Pix, mesh, manager, state: Tr
 
   train_step_fn = make_train_step(pix2pix, mesh, lr_schedule(config, steps_per_epoch))
   generate_fn = jax.jit(functools.partial(models.generate, pix2pix.generator, mode='paper'))
-  examples = {name: ex for name, ex in (
-      ('train', _fixed_examples(config, config.data.train_split)),
-      ('heldout', _fixed_examples(config, config.data.eval_split))) if ex is not None}
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
   if config.profile and is_chief:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
@@ -405,7 +417,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   input_pipeline.validate_config(config)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.data.batch_size, mesh)
-  num_train = input_pipeline.num_examples(config, config.data.train_split)
+  # Every file is decoded once before anything is built (cached across resumes).
+  train_source = _checked_source(config, config.data.train_split, workdir)
+  examples = {name: ex for name, ex in (
+      ('train', _fixed_examples(config, config.data.train_split, train_source)),
+      ('heldout', _fixed_examples(config, config.data.eval_split, _checked_source(
+          config, config.data.eval_split, workdir, required=False)))) if ex is not None}
+  num_train = len(train_source.records)
   steps_per_epoch = max(1, num_train // config.data.batch_size)
   num_steps = (config.optim.num_train_steps if config.optim.num_train_steps > 0 else
                (config.optim.n_epochs + config.optim.n_epochs_decay) * steps_per_epoch)
@@ -424,10 +442,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                             replicated),
         replicated,
         lambda start_step: _tracked(iterators, input_pipeline.create_train_iterator(
-            config, config.seed, start_step)),
+            config, config.seed, start_step, train_source)),
         config, accept_config_changes)
     state, stopped = _train_loop(config, workdir, pix2pix, mesh, manager, state, train_iter,
-                                 num_train, steps_per_epoch, num_steps)
+                                 examples, num_train, steps_per_epoch, num_steps)
   finally:
     manager.wait_until_finished()  # Never exit with a save half-written.
     manager.close()
