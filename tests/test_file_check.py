@@ -36,13 +36,13 @@ def test_every_bad_file_is_listed_with_its_reason_and_written_to_a_file(tiny_con
   assert (tmp_path / 'bad_files_val.txt').read_text().startswith(f'{odd}: an A|B image')
 
 
-def test_the_pool_finds_the_same_bad_files_and_the_cache_skips_a_second_check(
+def test_threads_find_the_same_bad_files_and_the_cache_skips_a_second_check(
     bad_data, tiny_config, tmp_path, monkeypatch):
   tiny_config.data.data_dir = bad_data
   tiny_config.data.skip_bad_images = True
   source = datasets.get_source(tiny_config, 'train')
-  bad = file_check.check_records(source, num_workers=2)
-  assert bad == file_check.check_records(source, num_workers=0)
+  bad = file_check.check_records(source, num_threads=2)
+  assert bad == file_check.check_records(source, num_threads=0)
   assert [i for i, _ in bad] == [2] and 'truncated' in bad[0][1]
   checked = file_check.checked_source(source, tiny_config, 'train', str(tmp_path))
   assert [os.path.basename(r) for r in checked.records] == [
