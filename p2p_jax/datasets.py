@@ -1,4 +1,4 @@
-"""Data sources: aligned A|B folders, TFDS Cityscapes and the demo dataset.
+"""Data sources: aligned A|B folders, paired A/ B/ folders (paired.py), TFDS Cityscapes, demo.
 
 A ``Source`` is one split: random-access ``records`` and a ``decode`` function turning one
 record into ``{'A': PIL image, 'B': PIL image, 'name': str}``. The direction is already
@@ -71,11 +71,16 @@ def get_source(config: ml_collections.ConfigDict, split: str) -> Source:
     return Source(records=list_aligned_images(data_dir, split),
                   decode=functools.partial(decode_aligned, check_shape=check_shape, **convert),
                   files=one_file)
+  if name == 'paired':
+    from p2p_jax import paired  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return Source(records=paired.list_pairs(config.data.data_dir, split),
+                  decode=functools.partial(paired.decode_paired, **convert),
+                  files=paired.pair_files)
   if name == 'cityscapes':
     return Source(records=cityscapes_records(config.data.data_dir,
                                              config.data.manual_dir, split),
                   decode=functools.partial(decode_cityscapes, **convert))
-  raise ValueError(f"config.data.name must be 'aligned', 'cityscapes' or 'demo', "
+  raise ValueError(f"config.data.name must be 'aligned', 'paired', 'cityscapes' or 'demo', "
                    f'got {name!r}')
 
 

@@ -35,7 +35,7 @@ from absl import flags
 from absl import logging
 from PIL import Image
 
-from p2p_jax import datasets, images, parallel
+from p2p_jax import datasets, images, paired, parallel
 
 PREPROCESS_OPTIONS = ('resize_and_crop', 'crop', 'scale_width', 'scale_width_and_crop',
                       'none')
@@ -52,13 +52,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ValueError(f'config.data.{option}={data[option]!r}: {message}')
 
-  check(data.name in ('aligned', 'cityscapes', 'demo'), 'name',
-        "must be 'aligned', 'cityscapes' or 'demo'")
+  check(data.name in ('aligned', 'paired', 'cityscapes', 'demo'), 'name',
+        "must be 'aligned', 'paired', 'cityscapes' or 'demo'")
   check(data.direction in ('AtoB', 'BtoA'), 'direction', "must be 'AtoB' or 'BtoA'")
   check(data.preprocess in PREPROCESS_OPTIONS, 'preprocess',
         f'must be one of {", ".join(PREPROCESS_OPTIONS)}')
   for option in ('input_nc', 'output_nc'):
-    check(data[option] in (1, 3), option, 'must be 1 (grayscale) or 3 (RGB)')
+    if data.name == 'paired':  # .npy arrays hold any channel count.
+      check(isinstance(data[option], int) and data[option] > 0, option,
+            'must be a positive integer')
+    else:
+      check(data[option] in (1, 3), option, "must be 1 (grayscale) or 3 (RGB) (any count: "
+            "config.data.name='paired' with .npy files)")
   for option in ('load_size', 'crop_size', 'batch_size', 'prefetch_buffer_size'):
     check(isinstance(data[option], int) and data[option] > 0, option,
           'must be a positive integer')
@@ -255,13 +260,14 @@ def jitter(example: dict, rng: np.random.Generator, *, preprocess: str, load_siz
   if preprocess == 'resize_and_crop':
     a, b = _resize(a, (load_size, load_size)), _resize(b, (load_size, load_size))
   elif preprocess.startswith('scale_width'):
-    w, h = a.size
+    w, h = _size(a)
     size = (load_size, int(max(load_size * h / w, crop_size)))
     a, b = _resize(a, size), _resize(b, size)
   elif preprocess == 'none':
-    w, h = a.size  # As the official __make_power_2 with base 4.
+    w, h = _size(a)  # As the official __make_power_2 with base 4.
     size = (max(4, int(round(w / 4) * 4)), max(4, int(round(h / 4) * 4)))
     a, b = _resize(a, size), _resize(b, size)
+  b = _resize(b, _size(a))  # Paired folders' B may differ in size (aligned halves never do).
   a, b = _to_array(a), _to_array(b)
   # Drawn in the official order (crop x, crop y, flip), whether or not they are used.
   h, w = a.shape[:2]
@@ -276,24 +282,38 @@ def jitter(example: dict, rng: np.random.Generator, *, preprocess: str, load_siz
     a, b = a[y:y + crop_size, x:x + crop_size], b[y:y + crop_size, x:x + crop_size]
   if flipped:
     a, b = a[:, ::-1], b[:, ::-1]
-  return {'A': images.to_float(a), 'B': images.to_float(b)}
+  return {'A': _to_model(a), 'B': _to_model(b)}
 
 
 def resize_for_eval(example: dict, *, crop_size: int) -> dict:
   """Evaluation preprocessing: both images resized to crop_size (bicubic), in [-1, 1]."""
   size = (crop_size, crop_size)
-  return {'A': images.to_float(_to_array(_resize(example['A'], size))),
-          'B': images.to_float(_to_array(_resize(example['B'], size))),
+  return {'A': _to_model(_to_array(_resize(example['A'], size))),
+          'B': _to_model(_to_array(_resize(example['B'], size))),
           'name': example['name']}
 
 
-def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+# Decoded images are PIL images, or (H, W, C) arrays of any channel count (paired .npy files).
+
+
+def _size(image) -> tuple[int, int]:
+  return (image.shape[1], image.shape[0]) if isinstance(image, np.ndarray) else image.size
+
+
+def _resize(image, size: tuple[int, int]):
+  if isinstance(image, np.ndarray):
+    return paired.resize(image, size)
   return image if image.size == size else image.resize(size, _BICUBIC)
 
 
-def _to_array(image: Image.Image) -> np.ndarray:
+def _to_array(image) -> np.ndarray:
   array = np.asarray(image)
   return array[..., None] if array.ndim == 2 else array
+
+
+def _to_model(pixels: np.ndarray) -> np.ndarray:
+  """uint8 pixels to float32 in [-1, 1]; float arrays (already in [-1, 1]) as float32."""
+  return images.to_float(pixels) if pixels.dtype == np.uint8 else pixels.astype(np.float32)
 
 
 def _mark_absl_flags_parsed() -> None:
