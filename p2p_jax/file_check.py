@@ -114,9 +114,17 @@ def _named(files: tuple, reason: str) -> str:
   return reason if any(path in reason for path in files) else f'{", ".join(files)}: {reason}'
 
 
+def decode_settings(decode) -> str:
+  """The decode function and its arguments, by name (a repr would hold memory addresses)."""
+  args = ()
+  if isinstance(decode, functools.partial):
+    decode, args = decode.func, (decode.args, sorted(decode.keywords.items()))
+  return f'{decode.__module__}.{decode.__qualname__}{args}'
+
+
 def _cache_key(source: datasets.Source) -> str:
   """A hash of the decode settings and each file's path, size and modification time."""
-  digest = hashlib.sha256(repr(source.decode).encode())
+  digest = hashlib.sha256(decode_settings(source.decode).encode())
   for record in source.records:
     for path in source.files(record):
       try:

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from conftest import tiny_flags, write_aligned_dataset
+from conftest import make_tiny_config, tiny_flags, write_aligned_dataset
 from p2p_jax import datasets, file_check
 from test_train import main_command, run
 
@@ -47,6 +47,10 @@ def test_threads_find_the_same_bad_files_and_the_cache_skips_a_second_check(
   checked = file_check.checked_source(source, tiny_config, 'train', str(tmp_path))
   assert [os.path.basename(r) for r in checked.records] == [
       '000.jpg', '001.jpg', '003.jpg', '004.jpg', '005.jpg']
+  # The cache key holds names and values only, so another process computes the same one.
+  assert file_check.decode_settings(source.decode) == (
+      "p2p_jax.datasets.decode_aligned((), [('check_shape', True), ('direction', 'AtoB'), "
+      "('input_nc', 3), ('output_nc', 3)])")
   monkeypatch.setattr(file_check, 'check_records', lambda *a: pytest.fail('checked again'))
   assert file_check.checked_source(source, tiny_config, 'train',
                                    str(tmp_path)).records == checked.records
@@ -68,3 +72,10 @@ def test_cli_run_with_a_truncated_jpeg_fails_before_step_one_and_trains_when_ski
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Left out 1 bad file(s) of 6 in split 'train'" in result.stderr
   assert '5 training examples' in result.stderr
+  # The run's cache is valid in another process (this one): a resume does not decode again.
+  config = make_tiny_config(**{'data.data_dir': bad_data})
+  cache = file_check.epath.Path(workdir) / 'data_check' / 'train.json'
+  source = datasets.get_source(config, 'train')
+  assert file_check._read_cache(cache, file_check._cache_key(source)) == [
+      (2, f'{bad}: corrupt or truncated image (image file is truncated (14 bytes not '
+          'processed))')]
