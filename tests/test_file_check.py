@@ -76,6 +76,5 @@ def test_cli_run_with_a_truncated_jpeg_fails_before_step_one_and_trains_when_ski
   config = make_tiny_config(**{'data.data_dir': bad_data})
   cache = file_check.epath.Path(workdir) / 'data_check' / 'train.json'
   source = datasets.get_source(config, 'train')
-  assert file_check._read_cache(cache, file_check._cache_key(source)) == [
-      (2, f'{bad}: corrupt or truncated image (image file is truncated (14 bytes not '
-          'processed))')]
+  cached = file_check._read_cache(cache, file_check._cache_key(source))
+  assert [i for i, _ in cached] == [2] and cached[0][1].startswith(f'{bad}: corrupt')
