@@ -252,8 +252,8 @@ def _restore_step(manager, step: int, init_state, sharding, create_iterator, con
   items = _saved_items(manager, step)
   if 'train_state' not in items:
     raise ValueError(f'Checkpoint {path} holds no train state (items: {sorted(items)}), so '
-                     'training cannot resume from it. A checkpoint converted from PyTorch '
-                     'without --torch_discriminator only serves --mode=eval and translate.')
+                     'training cannot resume from it; move it out of the workdir, or start '
+                     'a new run from its weights with config.init_from.')
 
   def restore(item, args):
     try:

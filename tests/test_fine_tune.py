@@ -92,3 +92,28 @@ def test_init_from_errors_name_the_option_and_the_steps_there(runs):
     checkpointing.resolve_init_from(str(runs['root'] / 'missing'))
   directory, step = checkpointing.resolve_init_from(runs['converted'])
   assert step == 0 and directory.name == 'checkpoints'
+
+
+def test_a_generator_alone_seeds_a_run_with_a_fresh_discriminator(tmp_path):
+  from conftest import make_tiny_config
+  from p2p_jax import checkpointing, convert, train
+  config = make_tiny_config(**MODEL)
+  workdir = str(tmp_path / 'converted')
+  convert.convert_checkpoint(config, workdir, f'{FIXTURES}/unet_128_ngf8.pth')
+  pix2pix = train.create_pix2pix(config, steps_per_epoch=1)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  init = lambda: train.create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed))
+  starts = []
+  state, _ = checkpointing.initialize_from(checkpointing.checkpoint_dir(workdir), 0, init,
+                                           sharding, starts.append, config)
+  fresh = init()
+  assert starts == [0] and int(state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, state.discriminator, fresh.discriminator)
+  np.testing.assert_array_equal(state.rng, fresh.rng)
+  converted = convert.convert_network(convert.pth.read_state_dict(
+      f'{FIXTURES}/unet_128_ngf8.pth'), config, 'generator')
+  jax.tree.map(np.testing.assert_array_equal, state.generator.variables, converted)
+  with pytest.raises(ValueError, match='init_keep_optimizer=True, but checkpoint .* holds no '
+                     'optimizer state'):
+    checkpointing.initialize_from(checkpointing.checkpoint_dir(workdir), 0, init, sharding,
+                                  starts.append, config, keep_optimizer=True)
