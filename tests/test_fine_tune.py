@@ -117,3 +117,26 @@ def test_a_generator_alone_seeds_a_run_with_a_fresh_discriminator(tmp_path):
                      'optimizer state'):
     checkpointing.initialize_from(checkpointing.checkpoint_dir(workdir), 0, init, sharding,
                                   starts.append, config, keep_optimizer=True)
+
+
+def test_init_keep_optimizer_keeps_the_adam_moments_and_restarts_the_schedule(runs):
+  import optax
+  from conftest import make_tiny_config
+  from p2p_jax import checkpointing, train
+  config = make_tiny_config(**MODEL)
+  pix2pix = train.create_pix2pix(config, steps_per_epoch=1)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  init = lambda: train.create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed))
+  state, _ = checkpointing.initialize_from(checkpointing.checkpoint_dir(runs['straight']),
+                                           NUM_STEPS, init, sharding, lambda s: None, config,
+                                           keep_optimizer=True)
+  saved = restore_item(runs['straight'], NUM_STEPS, 'train_state')
+  assert int(state.step) == 0
+  adam, schedule = state.generator.opt_state[0], state.generator.opt_state[1]
+  assert isinstance(adam, optax.ScaleByAdamState) and int(adam.count) == NUM_STEPS
+  np.testing.assert_array_equal(jax.tree.leaves(adam.mu)[0],
+                                jax.tree.leaves(saved['generator']['opt_state']['0']['mu'])[0])
+  counts = [x.count for x in jax.tree.leaves(
+      schedule, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+      if isinstance(x, optax.ScaleByScheduleState)]
+  assert counts and all(int(c) == 0 for c in counts)
