@@ -67,6 +67,7 @@ def test_cli_run_with_a_truncated_jpeg_fails_before_step_one_and_trains_when_ski
           f'config.data.skip_bad_images=True to leave them out); all of them are listed in '
           f'{workdir}/bad_files_train.txt:\n  {bad}: corrupt or truncated image') in result.stderr
   assert 'training steps 0 ->' not in result.stderr  # Before the model and the first step.
+  assert 'leaked' not in result.stderr
   result = run(main_command(workdir, 'configs/default.py', *overrides,
                             '--config.data.skip_bad_images=True'))
   assert result.returncode == 0, result.stderr[-3000:]
