@@ -150,6 +150,20 @@ def close_iterator(iterator) -> None:
     pending.extend(getattr(it, '_parents', ()))
     pending.extend(child for child in getattr(it, '_iterators_in_use', ()) if child is not None)
     it.close()
+  _free_shared_memory_synchronously()
+
+
+def _free_shared_memory_synchronously() -> None:
+  """Ends grain's background pool that unlinks freed batches' shared memory, after its queued
+  work: batches still held (e.g. by an error's frames) are then unlinked when freed, in the
+  freeing thread, so none is left to the exit."""
+  from grain import multiprocessing as grain_multiprocessing  # pylint: disable=g-import-not-at-top
+  array_type = grain_multiprocessing.SharedMemoryArray
+  pool = getattr(array_type, '_del_thread_pool', None)
+  if pool is not None:
+    array_type._del_thread_pool = None  # pylint: disable=protected-access
+    pool.close()
+    pool.join()
 
 
 def create_eval_dataset(config: ml_collections.ConfigDict, split: str,
