@@ -13,6 +13,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # A new run starts from these weights: a workdir (a run, or convert's output)[:STEP].
+  config.init_from = ''
+  config.init_keep_optimizer = False  # With init_from: keep its Adam moments too.
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'aligned'  # 'aligned' (A|B folders), 'cityscapes' (TFDS), 'demo'.

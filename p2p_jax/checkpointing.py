@@ -11,9 +11,13 @@ generator without touching the rest:
 * ``metrics`` (validated steps only, written by orbax): the step's validation scores, by
   which the best step is kept beside the latest ones and found for ``eval.step=best``.
 
-A checkpoint converted from PyTorch without a discriminator holds only ``generator`` and
-``config``: it serves evaluation and translation. Restores always pass a target tree with this
-run's shardings, so a checkpoint saved on N devices restores on M.
+A checkpoint converted from PyTorch holds no ``data_iterator`` (and, without a discriminator,
+no ``train_state``). Restores always pass a target tree with this run's shardings, so a
+checkpoint saved on N devices restores on M.
+
+A new run may start from the weights of another checkpoint (``config.init_from``, or a
+workdir holding only convert's output): see :func:`initialize_from`. It takes the weights
+and nothing else: step 0, this run's seed, data from position 0, the configured schedule.
 
 Resuming compares the checkpoint's config with the run's (:func:`check_config_changes`). A
 step that fails to restore is moved to ``WORKDIR/checkpoints_set_aside/`` (never deleted) and
@@ -46,8 +50,13 @@ SHAPE_FIELDS = ('model.netG', 'model.netD', 'model.n_layers_D', 'model.ngf', 'mo
 NEUTRAL_FIELDS = ('log_every_steps', 'checkpoint_every_steps', 'image_every_steps',
                   'num_image_examples', 'max_to_keep', 'eval_every_steps', 'profile',
                   'optim.num_train_steps', 'data.eval_split', 'data.prefetch_buffer_size',
-                  'data.cache', 'data.cache_dir', 'model.conv_impl')
+                  'data.cache', 'data.cache_dir', 'model.conv_impl', 'init_from',
+                  'init_keep_optimizer')
 NEUTRAL_SECTIONS = ('eval.', 'translate.')
+
+
+# Steps that are multiples of it are kept whatever max_to_keep says: only step 0 in practice.
+_KEEP_STEP_ZERO = 2**62
 
 
 class ConfigChangeError(ValueError):
@@ -76,18 +85,18 @@ def create_manager(workdir: str, max_to_keep: Optional[int] = None,
   folder, so the ranking survives restarts. Half-written steps (a save cut short) are removed
   when it starts.
   """
+  policies = ocp.checkpoint_managers
+  # Step 0 (convert's output, a run's starting weights) is never removed.
+  keep = [policies.EveryNSteps(_KEEP_STEP_ZERO), policies.LatestN(n=max_to_keep)]
   best = {}
   if best_metric is not None:
     best = _best_options(best_metric)
-    policies = ocp.checkpoint_managers
-    best['preservation_policy'] = policies.AnyPreservationPolicy([
-        policies.LatestN(n=max_to_keep),
-        policies.BestN(get_metric_fn=best['best_fn'], reverse=best['best_mode'] == 'min', n=1,
-                       keep_checkpoints_without_metrics=False)])
-    max_to_keep = None  # orbax takes either max_to_keep or a preservation policy.
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=True,
-                                         cleanup_tmp_directories=True, **best)
+    keep.append(policies.BestN(get_metric_fn=best['best_fn'],
+                               reverse=best['best_mode'] == 'min', n=1,
+                               keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
+      preservation_policy=policies.AnyPreservationPolicy(keep), **best)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -268,8 +277,8 @@ def _restore_step(manager, step: int, init_state, sharding, create_iterator, con
   items = _saved_items(manager, step)
   if 'train_state' not in items:
     raise ValueError(f'Checkpoint {path} holds no train state (items: {sorted(items)}), so '
-                     'training cannot resume from it. A checkpoint converted from PyTorch '
-                     'without --torch_discriminator only serves --mode=eval and translate.')
+                     'training cannot resume from it; move it out of the workdir, or start '
+                     'a new run from its weights with config.init_from.')
 
   def restore(item, args):
     try:
@@ -315,19 +324,21 @@ def restore_or_initialize(manager: ocp.CheckpointManager, init_state: Callable[[
 
   Where the data stream starts:
 
-  * no checkpoint: a fresh state, data from global batch 0;
+  * no checkpoint: a fresh state (or the weights of ``config.init_from``), data from global
+    batch 0;
   * saved by the same number of processes: the restored iterator, exactly where it was;
   * saved by another number: from the checkpoint's step (the global batches do not depend
     on the process count, unless files were skipped);
-  * no data position (e.g. a converted checkpoint): from global batch 0.
+  * only convert's output (a checkpoint without a data position): a new run from its
+    weights, as ``config.init_from`` would start it (:func:`initialize_from`).
 
   A step that fails to restore is set aside (moved to ``WORKDIR/checkpoints_set_aside``)
   and the previous one is tried.
 
   Args:
     manager: the run's manager.
-    init_state: ``() -> TrainState`` placed with ``sharding``; only called without a
-      checkpoint, and traced (not run) for the restore target otherwise.
+    init_state: ``() -> TrainState`` placed with ``sharding``: the fresh state of this
+      config (also the base a new run's imported weights go into).
     sharding: where restored arrays go (replicated over this run's mesh).
     create_iterator: ``start_step -> grain iterator``.
     config: the run's config, compared with the checkpoint's (None: not compared).
@@ -336,8 +347,20 @@ def restore_or_initialize(manager: ocp.CheckpointManager, init_state: Callable[[
   Returns:
     ``(state, data_iterator)``.
   """
+  init_from = config.get('init_from', '') if config is not None else ''
+  keep_optimizer = bool(config.get('init_keep_optimizer', False)) if config is not None else False
   set_aside = []
   while (step := manager.latest_step()) is not None:
+    if 'data_iterator' not in _saved_items(manager, step):  # Weights only: convert's output.
+      if init_from:
+        raise ValueError(f'{manager.directory} holds converted weights (checkpoint {step}) '
+                         f'and config.init_from={init_from!r} names other ones: start from '
+                         'one of them (drop config.init_from, or use another --workdir).')
+      return initialize_from(manager.directory, step, init_state, sharding, create_iterator,
+                             config, keep_optimizer)
+    if init_from:
+      logging.info('Resuming the run in %s: config.init_from=%r only seeds a new run.',
+                   manager.directory, init_from)
     try:
       return _restore_step(manager, step, init_state, sharding, create_iterator, config,
                            accept_config_changes)
@@ -351,7 +374,123 @@ def restore_or_initialize(manager: ocp.CheckpointManager, init_state: Callable[[
   if set_aside:
     raise ValueError(f'No checkpoint in {manager.directory} could be restored; they are in '
                      f'{set_aside[0].parent}. Run again to start from scratch.')
+  if init_from:
+    directory, step = resolve_init_from(init_from)
+    return initialize_from(directory, step, init_state, sharding, create_iterator, config,
+                           keep_optimizer)
   return init_state(), create_iterator(0)
+
+
+def resolve_init_from(spec: str) -> tuple[epath.Path, int]:
+  """``PATH[:STEP]`` (a workdir or its ``checkpoints`` folder) as (checkpoints folder, step).
+
+  Raises:
+    ValueError: no such folder, no checkpoint in it, or no such step.
+  """
+  path, step = spec, None
+  head, _, tail = spec.rpartition(':')
+  if head and tail.isdigit():
+    path, step = head, int(tail)
+  path = os.path.expanduser(path)
+  directory = checkpoint_dir(path)
+  if not directory.is_dir() and epath.Path(path).name == 'checkpoints':
+    directory = epath.Path(path if '://' in path else os.path.abspath(path))
+  if not directory.is_dir():
+    raise ValueError(f'config.init_from={spec!r}: no checkpoints folder at {directory} (give a '
+                     'workdir, e.g. a run or convert\'s output, optionally with :STEP).')
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  if not steps or (step is not None and step not in steps):
+    raise ValueError(f'config.init_from={spec!r}: no checkpoint '
+                     f'{"" if step is None else f"for step {step} "}in {directory} '
+                     f'(steps there: {steps or "none"}).')
+  return directory, steps[-1] if step is None else step
+
+
+def _reset_schedule(opt_state):
+  """The optimizer state with its LR schedule's step count at 0 (the Adam moments kept)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(
+      lambda x: x._replace(count=jax.numpy.zeros_like(x.count))
+      if isinstance(x, optax.ScaleByScheduleState) else x,
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+
+
+def initialize_from(directory: epath.Path, step: int, init_state: Callable[[], Any], sharding,
+                    create_iterator: Callable[[int], Any],
+                    config: Optional[ml_collections.ConfigDict] = None,
+                    keep_optimizer: bool = False) -> tuple[Any, Any]:
+  """A new run (step 0) from the weights of checkpoint ``directory/step``.
+
+  Taken from the checkpoint: G's variables, and D's where it holds a train state; with
+  ``keep_optimizer``, also both Adam states (their schedule restarted at step 0). Everything
+  else is this run's: step 0, the RNG of ``config.seed``, fresh Adam moments, data from
+  global batch 0. Which part came from where is logged.
+
+  Args:
+    directory: a ``checkpoints`` folder.
+    step: the checkpoint to read.
+    init_state: ``() -> TrainState``, the fresh state the weights go into.
+    sharding: where restored arrays go.
+    create_iterator: ``start_step -> grain iterator``.
+    config: the run's config; only its model shapes must match the checkpoint's.
+    keep_optimizer: keep the checkpoint's Adam moments (it must hold a train state).
+
+  Returns:
+    ``(state, data_iterator)``.
+
+  Raises:
+    ValueError: the checkpoint cannot seed this config (other shapes, no optimizer state to
+      keep, unreadable).
+  """
+  path = directory / str(step)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True))
+  try:
+    items = _saved_items(manager, step)
+
+    def restore(item, args):
+      try:
+        return manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+      except Exception as e:  # Orbax raises many types for damaged or mismatched files.
+        raise ValueError(f'Cannot start from checkpoint {path}: item {item!r}: '
+                         f'{_one_line(e)}') from e
+
+    if config is not None and 'config' in items:
+      check_config_changes(restore('config', ocp.args.JsonRestore()), config, path,
+                           accept=True, has_data_position=False)
+    if keep_optimizer and 'train_state' not in items:
+      raise ValueError(f'config.init_keep_optimizer=True, but checkpoint {path} holds no '
+                       'optimizer state (only the generator); set it to False.')
+    abstract_state = jax.eval_shape(init_state)
+    abstract_generator, abstract_rest = _split_state(abstract_state)
+    generator = restore('generator', ocp.args.StandardRestore(
+        _abstract(abstract_generator, sharding)))
+    rest = (restore('train_state', ocp.args.StandardRestore(_abstract(abstract_rest, sharding)))
+            if 'train_state' in items else None)
+  finally:
+    manager.close()
+  tree = serialization.to_state_dict(init_state())
+  tree['generator'].update(generator)
+  taken = ['generator weights']
+  if rest is not None:
+    tree['discriminator'].update({k: rest['discriminator'][k] for k in GENERATOR_VARIABLES})
+    taken.append('discriminator weights')
+    if keep_optimizer:
+      for net in ('generator', 'discriminator'):
+        tree[net]['opt_state'] = rest[net]['opt_state']
+      taken.append('Adam moments (schedule restarted)')
+  state = serialization.from_state_dict(jax.eval_shape(init_state), tree)
+  if keep_optimizer:
+    state = state.replace(generator=state.generator.replace(
+        opt_state=_reset_schedule(state.generator.opt_state)),
+                          discriminator=state.discriminator.replace(
+        opt_state=_reset_schedule(state.discriminator.opt_state)))
+  fresh = [part for part, ok in (('discriminator weights', rest is None),
+                                 ('Adam moments', not keep_optimizer)) if ok]
+  logging.info('New run from checkpoint %s: %s from it; %s; step 0, the RNG of config.seed and '
+               'the data from position 0 are this run\'s.', path, ', '.join(taken),
+               f'fresh {" and ".join(fresh)}' if fresh else 'nothing else fresh')
+  return state, create_iterator(0)
 
 
 def restore_generator(workdir: str, abstract_variables: dict, sharding, step=None,

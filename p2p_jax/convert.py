@@ -252,8 +252,9 @@ def convert_checkpoint(config: ml_collections.ConfigDict, workdir: str, torch_ge
     config: the config the converted model will run with.
     workdir: where to write; must not hold checkpoints yet.
     torch_generator: path of a ``latest_net_G.pth``.
-    torch_discriminator: path of the matching ``latest_net_D.pth``, or None. With it, the
-      checkpoint is a full train state (step 0, fresh Adam moments) that training resumes.
+    torch_discriminator: path of the matching ``latest_net_D.pth``, or None. Training in
+      ``workdir`` (or with ``config.init_from`` pointing at it) starts a new run from the
+      weights: with this D, or else a fresh one.
 
   Raises:
     pth.PthError: a file that is not a plain state_dict.
@@ -290,8 +291,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/
 _TORCH_GENERATOR = flags.DEFINE_string('torch_generator', None,
                                        'Official PyTorch generator weights (latest_net_G.pth).')
 _TORCH_DISCRIMINATOR = flags.DEFINE_string(
-    'torch_discriminator', None, 'Optional discriminator weights (latest_net_D.pth): with them '
-    'the checkpoint can also seed fine-tuning.')
+    'torch_discriminator', None, 'Optional discriminator weights (latest_net_D.pth): fine-tuning '
+    'starts from them too (else from a fresh discriminator).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where to write the checkpoint (must be new).')
 
 

@@ -4,9 +4,10 @@ The deterministic part of the official training preprocessing (decode, the resiz
 ``load_size`` or ``scale_width``) is computed once per file, in parallel, and written to
 ``CACHE_DIR/<key>/``:
 
-* ``pixels.u8``: every example's A then B pixels, raw uint8, back to back;
-* ``index.npy``: ``(N, 8)`` int64, the offset, height, width and channels of A then B (height 0
-  marks a bad file left out under ``skip_bad_images``);
+* ``pixels.u8``: every example's A then B pixels, raw, back to back;
+* ``index.npy``: ``(N, 10)`` int64, the byte offset, height, width, channels and dtype (0:
+  uint8, 1: float32, from paired ``.npy`` files) of A then B (height 0 marks a bad file left
+  out under ``skip_bad_images``);
 * ``names.json``: the example names.
 
 ``key`` hashes the source's files (path, size, modification time) and every option that
@@ -30,7 +31,8 @@ from absl import logging
 
 from p2p_jax import datasets
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+_DTYPES = (np.uint8, np.float32)
 _COMPLETE = 'complete'  # Written last: a folder without it is an interrupted build.
 
 
@@ -133,7 +135,7 @@ def _build(directory: str, source: datasets.Source, resize: Callable[[dict], dic
 
 def _write_pixels(path: str, load: Callable, num_records: int):
   """Writes ``load(i)``'s arrays in order; returns the index, names, errors and bytes."""
-  index = np.zeros((num_records, 8), np.int64)
+  index = np.zeros((num_records, 10), np.int64)
   names, bad = [], []
   workers = os.cpu_count() or 1
   window = 4 * workers  # Written in order: a bounded window of results bounds memory.
@@ -146,9 +148,10 @@ def _write_pixels(path: str, load: Callable, num_records: int):
           bad.append(error)
           names.append('')
           continue
-        for column, key in ((0, 'A'), (4, 'B')):
-          array = np.ascontiguousarray(example[key], np.uint8)
-          index[i, column:column + 4] = (offset, *array.shape)
+        for column, key in ((0, 'A'), (5, 'B')):
+          dtype = np.uint8 if example[key].dtype == np.uint8 else np.float32
+          array = np.ascontiguousarray(example[key], dtype)
+          index[i, column:column + 5] = (offset, *array.shape, _DTYPES.index(dtype))
           pixels.write(array.tobytes())
           offset += array.nbytes
         names.append(example['name'])
@@ -160,7 +163,8 @@ def _write_pixels(path: str, load: Callable, num_records: int):
 
 
 class CachedDecode:
-  """``index -> {'A', 'B', 'name'}`` from a cache folder; picklable for grain's workers.
+  """``index -> {'A', 'B', 'name'}`` (resized arrays) from a cache folder; picklable for
+  grain's workers.
 
   The pixels are memory-mapped on first use in each process, so workers share the page cache.
   """
@@ -187,7 +191,9 @@ class CachedDecode:
     if row[1] == 0:
       return None  # Left out at build time (skip_bad_images), as the uncached path skips it.
 
-    def read(offset, h, w, c):
-      return np.array(pixels[offset:offset + h * w * c]).reshape(h, w, c)
+    def read(offset, h, w, c, dtype):
+      dtype = _DTYPES[dtype]
+      size = h * w * c * np.dtype(dtype).itemsize
+      return np.array(pixels[offset:offset + size]).view(dtype).reshape(h, w, c)
 
-    return {'A': read(*row[:4]), 'B': read(*row[4:]), 'name': names[i]}
+    return {'A': read(*row[:5]), 'B': read(*row[5:]), 'name': names[i]}

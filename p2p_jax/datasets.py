@@ -1,4 +1,4 @@
-"""Data sources: aligned A|B folders, TFDS Cityscapes and the demo dataset.
+"""Data sources: aligned A|B folders, paired A/ B/ folders (paired.py), TFDS Cityscapes, demo.
 
 A ``Source`` is one split: random-access ``records`` and a ``decode`` function turning one
 record into ``{'A': PIL image, 'B': PIL image, 'name': str}``. The direction is already
@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import io
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -41,9 +41,12 @@ class Source:
     records: random-access records (file paths, or TFDS examples with undecoded images).
     decode: ``record -> {'A': PIL.Image, 'B': PIL.Image, 'name': str}``; raises
       ``BadImageError``. A picklable function, since grain sends it to worker processes.
+    files: ``record -> tuple of file paths`` for sources of files (which
+      ``file_check`` checks before training), None for others (TFDS).
   """
   records: Sequence[Any]
   decode: Callable[[Any], dict]
+  files: Optional[Callable[[Any], tuple]] = None
 
 
 def get_source(config: ml_collections.ConfigDict, split: str) -> Source:
@@ -67,12 +70,18 @@ def get_source(config: ml_collections.ConfigDict, split: str) -> Source:
     # loader does, instead of requiring width == 2 * height.
     check_shape = config.data.get('check_ab_shape', True)
     return Source(records=list_aligned_images(data_dir, split),
-                  decode=functools.partial(decode_aligned, check_shape=check_shape, **convert))
+                  decode=functools.partial(decode_aligned, check_shape=check_shape, **convert),
+                  files=one_file)
+  if name == 'paired':
+    from p2p_jax import paired  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return Source(records=paired.list_pairs(config.data.data_dir, split),
+                  decode=functools.partial(paired.decode_paired, **convert),
+                  files=paired.pair_files)
   if name == 'cityscapes':
     return Source(records=cityscapes_records(config.data.data_dir,
                                              config.data.manual_dir, split),
                   decode=functools.partial(decode_cityscapes, **convert))
-  raise ValueError(f"config.data.name must be 'aligned', 'cityscapes' or 'demo', "
+  raise ValueError(f"config.data.name must be 'aligned', 'paired', 'cityscapes' or 'demo', "
                    f'got {name!r}')
 
 
@@ -175,6 +184,11 @@ def list_aligned_images(data_dir: str, split: str) -> list[str]:
     raise FileNotFoundError(f'Split folder {split_dir} holds no images (looked for '
                             f'{", ".join(IMAGE_EXTENSIONS)}).')
   return paths
+
+
+def one_file(path: str) -> tuple:
+  """The files of an aligned record: the A|B image itself."""
+  return (path,)
 
 
 def decode_aligned(path: str, *, direction: str, input_nc: int, output_nc: int,

@@ -246,7 +246,7 @@ def score_split(dataset, generate_fn, variables, num_samples: int, batch_size: i
   return scores
 
 
-def make_validation(config: ml_collections.ConfigDict, generator, mesh):
+def make_validation(config: ml_collections.ConfigDict, generator, mesh, source):
   """``validate(variables) -> metrics`` on ``config.data.eval_split``, as ``--mode=eval`` scores.
 
   ``config.eval.mode`` and ``config.seed`` fix the dropout keys, so every validation of a run
@@ -257,17 +257,13 @@ def make_validation(config: ml_collections.ConfigDict, generator, mesh):
     config: the run config.
     generator: the generator module.
     mesh: the device mesh.
+    source: the split's checked source (``file_check.checked_source``).
 
   Returns:
-    The function, or None (with a warning) when the split has no examples.
+    The function.
   """
   from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  split = config.data.eval_split
-  try:
-    dataset = input_pipeline.create_eval_dataset(config, split)
-  except FileNotFoundError as e:
-    logging.warning('No validation during training, no %s split: %s', split, e)
-    return None
+  dataset = input_pipeline.create_eval_dataset(config, config.data.eval_split, source)
   generate_fn = make_generate_fn(generator, config.eval.mode, config.seed, mesh)
   batch_size = config.eval.batch_size
   parallel.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
@@ -308,12 +304,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.create_mesh()
   batch_size = config.eval.batch_size
   parallel.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
+  input_pipeline.validate_config(config)
   feature_fn = None
   if config.eval.inception_path:  # Read and checked before any generator work.
     feature_fn = fid.load_feature_fn(config.eval.inception_path, mesh, batch_size)
+  from p2p_jax import file_check  # pylint: disable=g-import-not-at-top
+  # Every file is decoded once before the generator is restored (cached in the workdir).
+  source = file_check.checked_source(datasets.get_source(config, config.eval.split), config,
+                                     config.eval.split, workdir,
+                                     is_writer=jax.process_index() == 0)
   generator, variables, step = restore_generator(config, workdir, mesh)
   generate_fn = make_generate_fn(generator, mode, config.seed, mesh)
-  dataset = input_pipeline.create_eval_dataset(config, config.eval.split)
+  dataset = input_pipeline.create_eval_dataset(config, config.eval.split, source)
 
   is_writer = jax.process_index() == 0
   out_dir = os.path.join(workdir, 'eval', str(step))

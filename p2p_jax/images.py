@@ -19,17 +19,27 @@ def to_uint8(images) -> np.ndarray:
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:
-  """Grey ``(..., 1)`` images as ``(..., 3)``, so images of 1 and 3 channels sit side by side."""
-  return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+  """Images of any channel count as ``(..., 3)``, so that they sit side by side.
+
+  Grey is repeated; 3 channels are kept; 2 channels show as a false colour (red, green and
+  their mean as blue); 4 or more show their first three.
+  """
+  channels = images.shape[-1]
+  if channels == 1:
+    return np.repeat(images, 3, axis=-1)
+  if channels == 2:
+    mean = np.mean(images, axis=-1, keepdims=True, dtype=np.float32).astype(images.dtype)
+    return np.concatenate([images, mean], axis=-1)
+  return images[..., :3]
 
 
 def to_pil(pixels: np.ndarray) -> Image.Image:
-  """An ``(H, W, 1)`` or ``(H, W, 3)`` uint8 array as a PIL image ('L' or 'RGB')."""
-  return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+  """An ``(H, W, C)`` uint8 array as a PIL image: 'L' for one channel, else ``to_rgb``'s RGB."""
+  return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else to_rgb(pixels))
 
 
 def grid(rows) -> np.ndarray:
-  """Rows of images ``[[image, image, ...], ...]`` (each ``(H, W, 1 or 3)``, all rows the same
-  width) tiled into one ``(sum H, sum W, 3)`` image, grey shown as RGB."""
+  """Rows of images ``[[image, image, ...], ...]`` (each ``(H, W, C)``, all rows the same width)
+  tiled into one ``(sum H, sum W, 3)`` image, each shown through ``to_rgb``."""
   return np.concatenate([np.concatenate([to_rgb(image) for image in row], axis=1)
                          for row in rows], axis=0)

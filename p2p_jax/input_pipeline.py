@@ -12,9 +12,11 @@ only its rows of each global batch: process p of P takes rows [p * B/P, (p + 1) 
 global batch b. So the global batches are the same whatever the number of processes, and
 ``parallel.to_global`` puts each process's rows back at their global positions.
 
-Batching comes after ``to_iter_dataset`` so that ``skip_bad_images`` can drop elements (grain
-batches a dataset with holes only as an ``IterDataset``); batches therefore run across epoch
-boundaries and no example is ever dropped. Everything random is a function of the seed and
+Bad files are found before training (``file_check``) and, with ``skip_bad_images``, left out
+of the source before shuffling. A file that goes bad later (or a TFDS record) is still
+skipped as it is read: batching comes after ``to_iter_dataset`` so that it can drop elements
+(grain batches a dataset with holes only as an ``IterDataset``); batches therefore run
+across epoch boundaries and no example is ever dropped. Everything random is a function of the seed and
 the element's global position, so the iterator's ``get_state()`` fully describes where it is.
 (A skipped file moves a process's later rows up by one, so only runs without skipped files
 keep exactly the same global batches on another number of processes.)
@@ -28,7 +30,7 @@ import collections
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import grain
 import jax
@@ -38,7 +40,7 @@ from absl import flags
 from absl import logging
 from PIL import Image
 
-from p2p_jax import data_cache, datasets, images, parallel
+from p2p_jax import data_cache, datasets, images, paired, parallel
 
 PREPROCESS_OPTIONS = ('resize_and_crop', 'crop', 'scale_width', 'scale_width_and_crop',
                       'none')
@@ -55,13 +57,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ValueError(f'config.data.{option}={data[option]!r}: {message}')
 
-  check(data.name in ('aligned', 'cityscapes', 'demo'), 'name',
-        "must be 'aligned', 'cityscapes' or 'demo'")
+  check(data.name in ('aligned', 'paired', 'cityscapes', 'demo'), 'name',
+        "must be 'aligned', 'paired', 'cityscapes' or 'demo'")
   check(data.direction in ('AtoB', 'BtoA'), 'direction', "must be 'AtoB' or 'BtoA'")
   check(data.preprocess in PREPROCESS_OPTIONS, 'preprocess',
         f'must be one of {", ".join(PREPROCESS_OPTIONS)}')
   for option in ('input_nc', 'output_nc'):
-    check(data[option] in (1, 3), option, 'must be 1 (grayscale) or 3 (RGB)')
+    if data.name == 'paired':  # .npy arrays hold any channel count.
+      check(isinstance(data[option], int) and data[option] > 0, option,
+            'must be a positive integer')
+    else:
+      check(data[option] in (1, 3), option, "must be 1 (grayscale) or 3 (RGB) (any count: "
+            "config.data.name='paired' with .npy files)")
   for option in ('load_size', 'crop_size', 'batch_size', 'prefetch_buffer_size'):
     check(isinstance(data[option], int) and data[option] > 0, option,
           'must be a positive integer')
@@ -107,8 +114,8 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   return len(datasets.get_source(config, split).records)
 
 
-def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
-                          start_step: int = 0) -> grain.DatasetIterator:
+def create_train_iterator(config: ml_collections.ConfigDict, seed: int, start_step: int = 0,
+                          source: Optional[datasets.Source] = None) -> grain.DatasetIterator:
   """The infinite, jittered, checkpointable training iterator of this process.
 
   Args:
@@ -131,7 +138,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
   """
   validate_config(config)
   parallel.check_batch_splits_over_processes(config.data.batch_size)
-  source = datasets.get_source(config, config.data.train_split)
+  source = source or datasets.get_source(config, config.data.train_split)
   resize = functools.partial(resize_for_training, preprocess=config.data.preprocess,
                              load_size=config.data.load_size, crop_size=config.data.crop_size)
   if config.data.cache:
@@ -143,8 +150,9 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
   ds = grain.MapDataset.source(source.records).seed(seed).shuffle()
   # Cached or not, the same chain (grain derives the jitter's seed from its depth in it).
   ds = ds.map(DecodeOrSkip(source.decode, config.data.skip_bad_images, len(ds)))
-  ds = ds.random_map(functools.partial(jitter, resize=resize, preprocess=config.data.preprocess,
-                                       crop_size=config.data.crop_size, flip=config.data.flip))
+  ds = ds.random_map(functools.partial(  # The cache holds resized arrays.
+      jitter, resize=None if config.data.cache else resize, preprocess=config.data.preprocess,
+      crop_size=config.data.crop_size, flip=config.data.flip))
   ds = ds.repeat(None)  # Reseeds shuffle and jitter with the epoch.
   ds = HostRows(ds, config.data.batch_size, jax.process_index(), jax.process_count(), start_step)
   ds = ds.to_iter_dataset(grain.ReadOptions(
@@ -158,12 +166,46 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
   return iter(ds)
 
 
-def create_eval_dataset(config: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
+def close_iterator(iterator) -> None:
+  """Closes a grain iterator and every iterator it holds: worker processes end and their
+  shared memory is unlinked (else Python reports it as leaked at exit).
+
+  grain's ``mp_prefetch`` hands out an interleave of per-worker iterators whose ``close()``
+  does not reach them, so they are found (through grain's attributes) and closed here too.
+  """
+  pending, seen = [iterator], set()
+  while pending:
+    it = pending.pop()
+    if id(it) in seen or not hasattr(it, 'close'):
+      continue
+    seen.add(id(it))
+    pending.extend(getattr(it, '_parents', ()))
+    pending.extend(child for child in getattr(it, '_iterators_in_use', ()) if child is not None)
+    it.close()
+  _free_shared_memory_synchronously()
+
+
+def _free_shared_memory_synchronously() -> None:
+  """Ends grain's background pool that unlinks freed batches' shared memory, after its queued
+  work: batches still held (e.g. by an error's frames) are then unlinked when freed, in the
+  freeing thread, so none is left to the exit."""
+  from grain import multiprocessing as grain_multiprocessing  # pylint: disable=g-import-not-at-top
+  array_type = grain_multiprocessing.SharedMemoryArray
+  pool = getattr(array_type, '_del_thread_pool', None)
+  if pool is not None:
+    array_type._del_thread_pool = None  # pylint: disable=protected-access
+    pool.close()
+    pool.join()
+
+
+def create_eval_dataset(config: ml_collections.ConfigDict, split: str,
+                        source: Optional[datasets.Source] = None) -> grain.MapDataset:
   """The deterministic, random-access evaluation dataset of ``split`` (not sharded).
 
   Args:
     config: the experiment config.
     split: 'train', 'val' or 'test'.
+    source: the split's source (e.g. checked); None to list it from the config.
 
   Returns:
     A ``MapDataset`` of ``{'A': float32 (crop, crop, input_nc), 'B': float32 (crop, crop,
@@ -172,7 +214,7 @@ def create_eval_dataset(config: ml_collections.ConfigDict, split: str) -> grain.
     (``to_iter_dataset()`` leaves those out).
   """
   validate_config(config)
-  source = datasets.get_source(config, split)
+  source = source or datasets.get_source(config, split)
   ds = grain.MapDataset.source(source.records)
   ds = ds.map(DecodeOrSkip(source.decode, config.data.skip_bad_images, len(ds)))
   return ds.map(functools.partial(resize_for_eval, crop_size=config.data.crop_size))
@@ -209,8 +251,7 @@ class DevicePrefetch:
 
   def close(self) -> None:
     self._queue.clear()
-    if hasattr(self._iterator, 'close'):  # Ends grain's worker processes and shared memory.
-      self._iterator.close()
+    close_iterator(self._iterator)
 
 
 class HostRows(grain.MapDataset):
@@ -282,7 +323,7 @@ def resize_for_training(example: dict, *, preprocess: str, load_size: int,
   """The deterministic part of the official training ``--preprocess`` (what the cache stores).
 
   Args:
-    example: ``{'A': PIL.Image, 'B': PIL.Image, 'name': str}``.
+    example: ``{'A', 'B', 'name'}``, decoded: PIL images, or arrays (paired ``.npy`` files).
     preprocess: 'resize_and_crop' (bicubic resize to load_size x load_size), 'crop' (none),
       'scale_width' and 'scale_width_and_crop' (width to load_size, height keeping the aspect
       ratio but at least crop_size), 'none' (sides rounded to a multiple of 4).
@@ -290,19 +331,21 @@ def resize_for_training(example: dict, *, preprocess: str, load_size: int,
     crop_size: the crop side.
 
   Returns:
-    ``{'A': uint8 HWC, 'B': uint8 HWC, 'name': str}``.
+    ``{'A': HWC, 'B': HWC, 'name': str}`` arrays (uint8, or float from ``.npy`` files); B at
+    A's size.
   """
   a, b = example['A'], example['B']
   if preprocess == 'resize_and_crop':
     a, b = _resize(a, (load_size, load_size)), _resize(b, (load_size, load_size))
   elif preprocess.startswith('scale_width'):
-    w, h = a.size
+    w, h = _size(a)
     size = (load_size, int(max(load_size * h / w, crop_size)))
     a, b = _resize(a, size), _resize(b, size)
   elif preprocess == 'none':
-    w, h = a.size  # As the official __make_power_2 with base 4.
+    w, h = _size(a)  # As the official __make_power_2 with base 4.
     size = (max(4, int(round(w / 4) * 4)), max(4, int(round(h / 4) * 4)))
     a, b = _resize(a, size), _resize(b, size)
+  b = _resize(b, _size(a))  # Paired folders' B may differ in size (aligned halves never do).
   return {'A': _to_array(a), 'B': _to_array(b), 'name': example['name']}
 
 
@@ -311,18 +354,19 @@ def jitter(example: dict, rng: np.random.Generator, *, resize, preprocess: str,
   """The official training preprocessing: ``resize``, then one random crop and flip for A, B.
 
   Args:
-    example: ``{'A', 'B', 'name'}``: PIL images (``resize`` is applied), or uint8 arrays
-      already resized (from the cache).
+    example: ``{'A', 'B', 'name'}``: decoded images (PIL, or arrays from paired ``.npy``
+      files), or the cache's arrays, already resized.
     rng: grain's per-element generator.
-    resize: ``resize_for_training`` with the config's options.
+    resize: ``resize_for_training`` with the config's options; None for cached examples.
     preprocess: the official option (those with 'crop' crop; the others do not).
     crop_size: the crop side.
     flip: random horizontal flip.
 
   Returns:
-    ``{'A': uint8 HWC, 'B': uint8 HWC}``; the train step maps them to [-1, 1].
+    ``{'A': HWC, 'B': HWC}``: uint8 pixels (the train step maps them to [-1, 1]), or float32
+    in [-1, 1] from float ``.npy`` files.
   """
-  if not isinstance(example['A'], np.ndarray):
+  if resize is not None:
     example = resize(example)
   a, b = example['A'], example['B']
   # Drawn in the official order (crop x, crop y, flip), whether or not they are used.
@@ -337,8 +381,8 @@ def jitter(example: dict, rng: np.random.Generator, *, resize, preprocess: str,
           f'crop_size={crop_size}')
     a, b = a[y:y + crop_size, x:x + crop_size], b[y:y + crop_size, x:x + crop_size]
   if flipped:
-    return {'A': _flipped(a), 'B': _flipped(b)}
-  return {'A': np.ascontiguousarray(a), 'B': np.ascontiguousarray(b)}
+    return {'A': _shipped(_flipped(a)), 'B': _shipped(_flipped(b))}
+  return {'A': _shipped(a), 'B': _shipped(b)}
 
 
 def _flipped(pixels: np.ndarray) -> np.ndarray:
@@ -350,21 +394,40 @@ def _flipped(pixels: np.ndarray) -> np.ndarray:
   return out
 
 
+def _shipped(pixels: np.ndarray) -> np.ndarray:
+  """uint8 pixels as they are; float arrays (``.npy``, in [-1, 1]) as float32; contiguous."""
+  return np.ascontiguousarray(pixels, None if pixels.dtype == np.uint8 else np.float32)
+
+
 def resize_for_eval(example: dict, *, crop_size: int) -> dict:
   """Evaluation preprocessing: both images resized to crop_size (bicubic), in [-1, 1]."""
   size = (crop_size, crop_size)
-  return {'A': images.to_float(_to_array(_resize(example['A'], size))),
-          'B': images.to_float(_to_array(_resize(example['B'], size))),
+  return {'A': _to_model(_to_array(_resize(example['A'], size))),
+          'B': _to_model(_to_array(_resize(example['B'], size))),
           'name': example['name']}
 
 
-def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+# Decoded images are PIL images, or (H, W, C) arrays of any channel count (paired .npy files).
+
+
+def _size(image) -> tuple[int, int]:
+  return (image.shape[1], image.shape[0]) if isinstance(image, np.ndarray) else image.size
+
+
+def _resize(image, size: tuple[int, int]):
+  if isinstance(image, np.ndarray):
+    return paired.resize(image, size)
   return image if image.size == size else image.resize(size, _BICUBIC)
 
 
-def _to_array(image: Image.Image) -> np.ndarray:
+def _to_array(image) -> np.ndarray:
   array = np.asarray(image)
   return array[..., None] if array.ndim == 2 else array
+
+
+def _to_model(pixels: np.ndarray) -> np.ndarray:
+  """uint8 pixels to float32 in [-1, 1]; float arrays (already in [-1, 1]) as float32."""
+  return images.to_float(pixels) if pixels.dtype == np.uint8 else pixels.astype(np.float32)
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -414,8 +477,7 @@ def benchmark(config: ml_collections.ConfigDict, num_images: int = 512,
       for _ in range(num_batches):
         next(iterator)
       seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
-      if hasattr(iterator, 'close'):
-        iterator.close()
+      close_iterator(iterator)
       images = num_batches * host_batch
       results.append({'what': 'input', 'cache': cache, 'num_workers': num_workers,
                       'images_per_sec': round(images / seconds, 1),

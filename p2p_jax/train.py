@@ -15,7 +15,8 @@ import optax
 from absl import logging
 from flax import struct, traverse_util
 
-from p2p_jax import checkpointing, evaluate, images, input_pipeline, losses, models, parallel
+from p2p_jax import (checkpointing, datasets, evaluate, file_check, images, input_pipeline,
+                     losses, models, parallel)
 
 
 class NetState(struct.PyTreeNode):
@@ -296,13 +297,25 @@ def _fetch_metrics(pending: list, manager) -> dict:
   return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]} if fetched else {}
 
 
-def _fixed_examples(config, split: str) -> Optional[dict]:
-  """The first ``num_image_examples`` of ``split`` (un-jittered), or None if it has none."""
+def _checked_source(config, split: str, workdir: str, required: bool = True):
+  """The split's source with every file checked (see ``file_check``); None if the split has
+  no folder and is not ``required``."""
   try:
-    dataset = input_pipeline.create_eval_dataset(config, split)
+    source = datasets.get_source(config, split)
   except FileNotFoundError as e:
+    if required:
+      raise
     logging.warning('No %s images for TensorBoard: %s', split, e)
     return None
+  return file_check.checked_source(source, config, split, workdir,
+                                   is_writer=jax.process_index() == 0)
+
+
+def _fixed_examples(config, split: str, source) -> Optional[dict]:
+  """The first ``num_image_examples`` of ``source`` (un-jittered), or None if it has none."""
+  if source is None:
+    return None
+  dataset = input_pipeline.create_eval_dataset(config, split, source)
   examples = [dataset[i] for i in range(min(config.num_image_examples, len(dataset)))]
   examples = [e for e in examples if e is not None]
   if not examples:
@@ -333,41 +346,23 @@ def _validate(writer, validate, state: TrainState, step: int) -> dict:
   return scores
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       accept_config_changes: bool = False) -> TrainState:
-  """Trains pix2pix, resuming from the latest checkpoint in ``workdir/checkpoints``.
+def _tracked(iterators: list, iterator):
+  iterators.append(iterator)
+  return iterator
 
-  Args:
-    config: the experiment config (configs/*.py).
-    workdir: checkpoints, TensorBoard event files and the config go here.
-    accept_config_changes: resume even where the config changes the training trajectory
-      (see ``checkpointing.check_config_changes``).
+
+def _train_loop(config, workdir: str, pix2pix: Pix2Pix, mesh, manager, state: TrainState,
+                train_iter, examples: dict, validate, num_train: int, steps_per_epoch: int,
+                num_steps: int) -> tuple[TrainState, bool]:
+  """Runs the steps from ``state.step`` to ``num_steps``: metrics, images, validation,
+  checkpoints.
+
+  ``examples`` maps a name to the fixed ``{'A', 'B'}`` batch shown in TensorBoard;
+  ``validate`` is ``evaluate.make_validation``'s function, or None.
 
   Returns:
-    The final train state.
+    The final state, and whether the run stopped early on request (SIGTERM / Ctrl-C).
   """
-  input_pipeline.validate_config(config)
-  input_pipeline.validate_eval_config(config)
-  mesh = parallel.create_mesh()
-  parallel.check_batch_size(config.data.batch_size, mesh)
-  num_train = input_pipeline.num_examples(config, config.data.train_split)
-  steps_per_epoch = max(1, num_train // config.data.batch_size)
-  num_steps = (config.optim.num_train_steps if config.optim.num_train_steps > 0 else
-               (config.optim.n_epochs + config.optim.n_epochs_decay) * steps_per_epoch)
-  pix2pix = create_pix2pix(config, steps_per_epoch)
-  replicated = parallel.replicated_sharding(mesh)
-
-  validating = config.eval_every_steps > 0
-  manager = checkpointing.create_manager(workdir, config.max_to_keep,
-                                         config.eval.best_metric if validating else None)
-  # Initialised straight into the replicated layout: one program over all processes, not one
-  # per host followed by a cross-host broadcast.
-  state, train_iter = checkpointing.restore_or_initialize(
-      manager, lambda: create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed),
-                                          replicated),
-      replicated,
-      lambda start_step: input_pipeline.create_train_iterator(config, config.seed, start_step),
-      config, accept_config_changes)
   start_step = int(state.step)
 
   is_chief = jax.process_index() == 0
@@ -384,10 +379,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   train_step_fn = make_train_step(pix2pix, mesh, lr_schedule(config, steps_per_epoch))
   generate_fn = jax.jit(functools.partial(models.generate, pix2pix.generator, mode='paper'))
-  examples = {name: ex for name, ex in (
-      ('train', _fixed_examples(config, config.data.train_split)),
-      ('heldout', _fixed_examples(config, config.data.eval_split))) if ex is not None}
-  validate = evaluate.make_validation(config, pix2pix.generator, mesh) if validating else None
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
   if config.profile and is_chief:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
@@ -432,17 +423,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _fetch_metrics(pending, manager)
         if not bool(_all_finite((state.generator.params, state.discriminator.params))):
           _stop_non_finite(step + 1, 'parameters', manager)
-        # A validated step is saved with its scores, so the best one can be kept.
+        # A validated step is saved with its scores, so the best one can be kept; the data
+        # position saved is that of the batches handed to steps, not of those prefetched.
         checkpointing.save(manager, state, config, batches, force=True, metrics=val_metrics)
       if done:
         break
   finally:
     stop.restore()
+    writer.flush()
+  return state, stop.requested
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       accept_config_changes: bool = False) -> TrainState:
+  """Trains pix2pix, resuming from the latest checkpoint in ``workdir/checkpoints``.
+
+  Args:
+    config: the experiment config (configs/*.py).
+    workdir: checkpoints, TensorBoard event files and the config go here.
+    accept_config_changes: resume even where the config changes the training trajectory
+      (see ``checkpointing.check_config_changes``).
+
+  Returns:
+    The final train state.
+  """
+  input_pipeline.validate_config(config)
+  input_pipeline.validate_eval_config(config)
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.data.batch_size, mesh)
+  # Every file is decoded once before anything is built (cached across resumes).
+  train_source = _checked_source(config, config.data.train_split, workdir)
+  heldout_source = _checked_source(config, config.data.eval_split, workdir, required=False)
+  examples = {name: ex for name, ex in (
+      ('train', _fixed_examples(config, config.data.train_split, train_source)),
+      ('heldout', _fixed_examples(config, config.data.eval_split, heldout_source)))
+              if ex is not None}
+  num_train = len(train_source.records)
+  steps_per_epoch = max(1, num_train // config.data.batch_size)
+  num_steps = (config.optim.num_train_steps if config.optim.num_train_steps > 0 else
+               (config.optim.n_epochs + config.optim.n_epochs_decay) * steps_per_epoch)
+  pix2pix = create_pix2pix(config, steps_per_epoch)
+  replicated = parallel.replicated_sharding(mesh)
+  validating = config.eval_every_steps > 0
+  validate = None
+  if validating:
+    if heldout_source is None:
+      logging.warning('No validation during training: split %r has no images.',
+                      config.data.eval_split)
+    else:
+      validate = evaluate.make_validation(config, pix2pix.generator, mesh, heldout_source)
+
+  if config.init_from:  # A bad init_from is found before any data or model is built.
+    checkpointing.resolve_init_from(config.init_from)
+  manager = checkpointing.create_manager(workdir, config.max_to_keep,
+                                         config.eval.best_metric if validating else None)
+  iterators = []  # Closed on every way out: grain's workers and their shared memory end.
+  try:
+    # Initialised straight into the replicated layout: one program over all processes, not
+    # one per host followed by a cross-host broadcast.
+    state, train_iter = checkpointing.restore_or_initialize(
+        manager, lambda: create_train_state(pix2pix, config, jax.random.PRNGKey(config.seed),
+                                            replicated),
+        replicated,
+        lambda start_step: _tracked(iterators, input_pipeline.create_train_iterator(
+            config, config.seed, start_step, train_source)),
+        config, accept_config_changes)
+    state, stopped = _train_loop(config, workdir, pix2pix, mesh, manager, state, train_iter,
+                                 examples, validate, num_train, steps_per_epoch, num_steps)
+  finally:
     manager.wait_until_finished()  # Never exit with a save half-written.
     manager.close()
-    batches.close()
-    writer.flush()
-  if stop.requested:
+    for iterator in iterators:
+      input_pipeline.close_iterator(iterator)
+  if stopped:
     logging.warning('Stopped at step %d on request; resume by running the same command.',
                     int(state.step))
   return state

@@ -42,6 +42,18 @@ def restore_item(workdir, step, item):
   return ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
 
 
+def kill_after_first_save(command, steps) -> list:
+  """Runs ``command``, SIGKILLs it once ``steps()`` lists a checkpoint; returns ``steps()``."""
+  process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not steps() and time.time() < deadline and process.poll() is None:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  return steps()
+
+
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
   return write_aligned_dataset(str(tmp_path_factory.mktemp('aligned')))
@@ -79,14 +91,8 @@ def test_killed_run_resumes_bit_identically(tmp_path, tiny_data):
   result = run(main_command(straight, 'configs/default.py', *overrides))
   assert result.returncode == 0, result.stderr[-5000:]
 
-  process = subprocess.Popen(main_command(killed, 'configs/default.py', *overrides),
-                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not saved_steps(killed) and time.time() < deadline and process.poll() is None:
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  killed_at = saved_steps(killed)
+  killed_at = kill_after_first_save(main_command(killed, 'configs/default.py', *overrides),
+                                    lambda: saved_steps(killed))
   assert killed_at and killed_at[-1] < num_steps, killed_at  # Killed mid-run, after a save.
 
   result = run(main_command(killed, 'configs/default.py', *overrides))
@@ -141,3 +147,13 @@ def test_config_typo_is_a_clear_flag_error(tmp_path):
                             '--config.batchsize=2'))
   assert result.returncode != 0
   assert 'batchsize' in result.stderr
+
+
+def test_a_failing_run_with_a_worker_process_leaves_no_leaked_shared_memory(tmp_path, tiny_data):
+  # A run that ends normally with a worker: test_paired's CLI runs assert the same.
+  overrides = tiny_overrides(tiny_data, 2, checkpoint_every=2) + [
+      '--config.data.num_workers=1', '--config.optim.lr=1e30', '--config.log_every_steps=1']
+  result = run(main_command(str(tmp_path / 'run'), 'configs/default.py', *overrides))
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'ERROR: Non-finite loss' in result.stderr  # Diverged, the worker's batches in flight.
+  assert 'leaked' not in result.stderr, result.stderr[-3000:]
