@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from p2p_jax import datasets
 
@@ -41,29 +42,33 @@ def default_cache_dir() -> str:
   return os.path.join(cache_home, 'p2p_jax', 'decoded')
 
 
-def cache_key(config: ml_collections.ConfigDict, split: str, records: Sequence) -> str:
+def cache_key(config: ml_collections.ConfigDict, split: str, source: datasets.Source) -> str:
   """A hash of the split's files (paths, sizes, mtimes) and of the options that fix pixels."""
   data = config.data
   options = {name: data.get(name) for name in (
       'name', 'direction', 'input_nc', 'output_nc', 'preprocess', 'load_size', 'crop_size',
       'check_ab_shape', 'skip_bad_images')}
   digest = hashlib.sha256(json.dumps([_FORMAT_VERSION, split, options]).encode())
-  for entry in _fingerprint(config, records):
+  for entry in _fingerprint(config, source):
     digest.update(repr(entry).encode())
   return digest.hexdigest()[:24]
 
 
-def _fingerprint(config: ml_collections.ConfigDict, records: Sequence):
-  """``(path, size, mtime_ns)`` of every file the split reads."""
-  if all(isinstance(r, str) for r in records):
-    paths = records
+def _fingerprint(config: ml_collections.ConfigDict, source: datasets.Source):
+  """``(path, size, mtime_ns)`` of every file the split reads, in record order."""
+  if source.files is not None:
+    paths = [path for record in source.records for path in source.files(record)]
   else:  # TFDS records: the dataset's files under its data dir.
     root = config.data.data_dir or os.path.expanduser('~/tensorflow_datasets')
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
-    yield len(records)
+    yield len(source.records)
   for path in paths:
-    stat = os.stat(path)
-    yield path, stat.st_size, stat.st_mtime_ns
+    if '://' in path:  # A bucket: etils gives the size and the mtime in seconds.
+      stat = epath.Path(path).stat()
+      yield path, stat.length, stat.mtime
+    else:
+      stat = os.stat(path)
+      yield path, stat.st_size, stat.st_mtime_ns
 
 
 def get_or_build(config: ml_collections.ConfigDict, split: str, source: datasets.Source,
@@ -83,7 +88,7 @@ def get_or_build(config: ml_collections.ConfigDict, split: str, source: datasets
   """
   root = config.data.cache_dir or default_cache_dir()
   os.makedirs(root, exist_ok=True)
-  directory = os.path.join(root, cache_key(config, split, source.records))
+  directory = os.path.join(root, cache_key(config, split, source))
   with open(directory + '.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, also on a crash.
     if not os.path.isfile(os.path.join(directory, _COMPLETE)):
