@@ -286,8 +286,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   scalars ``eval/L1``, ``eval/PSNR``, ``eval/SSIM`` with a few image rows to TensorBoard in
   ``workdir/eval`` at the checkpoint step. Metrics are averaged over all examples and samples.
   With ``config.eval.inception_path`` set, also ``FID``, ``KID_mean`` and ``KID_std`` of all
-  generated images against the split's real targets, on
-  the uint8 images as written (see ``fid``); TensorBoard gets every score as ``eval/<name>``.
+  generated images against the split's real targets, on the uint8 images as written (see
+  ``fid``). TensorBoard gets every score as ``eval/<name>``.
 
   Args:
     config: the run config (``config.eval.*``, ``config.data.*``, model fields).
