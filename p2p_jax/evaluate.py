@@ -265,11 +265,9 @@ def make_validation(config: ml_collections.ConfigDict, generator, mesh, source):
   from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   dataset = input_pipeline.create_eval_dataset(config, config.data.eval_split, source)
   generate_fn = make_generate_fn(generator, config.eval.mode, config.seed, mesh)
-  # eval.batch_size rounded up to a multiple of the devices (run_batch pads a batch), so a
-  # default config validates on any mesh; the scores do not depend on the batch size.
-  if not isinstance(config.eval.batch_size, int) or config.eval.batch_size <= 0:
-    raise ValueError(f'config.eval.batch_size={config.eval.batch_size!r} must be a positive '
-                     'integer.')
+  # eval.batch_size (checked positive by validate_eval_config) rounded up to a multiple of the
+  # devices (run_batch pads a batch), so a default config validates on any mesh; the scores
+  # do not depend on the batch size.
   batch_size = -(-config.eval.batch_size // mesh.devices.size) * mesh.devices.size
   feature_fn = None
   if config.eval.inception_path:  # FID / KID join val/ (a 2048-d sqrtm per validation).

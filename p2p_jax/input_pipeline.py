@@ -16,8 +16,9 @@ Bad files are found before training (``file_check``) and, with ``skip_bad_images
 of the source before shuffling. A file that goes bad later (or a TFDS record) is still
 skipped as it is read: batching comes after ``to_iter_dataset`` so that it can drop elements
 (grain batches a dataset with holes only as an ``IterDataset``); batches therefore run
-across epoch boundaries and no example is ever dropped. Everything random is a function of the seed and
-the element's global position, so the iterator's ``get_state()`` fully describes where it is.
+across epoch boundaries and no example is ever dropped. Everything random is a function of
+the seed and the element's global position, so the iterator's ``get_state()`` fully
+describes where it is.
 (A skipped file moves a process's later rows up by one, so only runs without skipped files
 keep exactly the same global batches on another number of processes.)
 Evaluation has no jitter: both images are resized to ``crop_size``.
@@ -95,6 +96,9 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.best_metric in ('FID', 'KID_mean') and not config.eval.inception_path:
     raise ValueError(f'config.eval.best_metric={config.eval.best_metric!r} needs '
                      'config.eval.inception_path (the FID Inception weights).')
+  batch_size = config.eval.batch_size
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f'config.eval.batch_size={batch_size!r} must be a positive integer.')
   max_examples = config.eval.max_examples
   if not isinstance(max_examples, int) or not (max_examples == -1 or max_examples > 0):
     raise ValueError(f'config.eval.max_examples={max_examples!r}: must be -1 (the whole '

@@ -67,6 +67,7 @@ def test_eval_step_best_without_validated_checkpoints_is_a_clear_error(tmp_path)
     ('eval_every_steps', -1, 'config.eval_every_steps=-1'),
     ('eval.best_metric', 'FID9', "config.eval.best_metric='FID9'"),
     ('eval.max_examples', 0, 'config.eval.max_examples=0'),
+    ('eval.batch_size', 0, 'config.eval.batch_size=0'),  # Validation rounds it up, not from 0.
 ])
 def test_invalid_validation_options_are_refused_naming_the_option(field, value, message):
   from p2p_jax import input_pipeline
