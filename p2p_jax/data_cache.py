@@ -12,9 +12,10 @@ The deterministic part of the official training preprocessing (decode, the resiz
 
 ``key`` hashes the source's files (path, size, modification time) and every option that
 fixes the stored pixels, so an edited dataset or another ``load_size`` gets its own cache and
-a stale one is never read. Each epoch then only crops and flips the stored arrays (the same
-``jitter`` as without the cache, hence the same batches). Concurrent builders (the processes
-of a multi-host run on a shared disk) take a file lock: one builds, the others reuse it.
+a stale one is never read. Each epoch then only crops and flips the stored arrays, with the
+same crop windows as without the cache, hence the same batches. Concurrent builders (the
+processes of a multi-host run on a shared disk) take a file lock: one builds, the others
+reuse it.
 """
 import concurrent.futures
 import fcntl
@@ -72,8 +73,8 @@ def _fingerprint(config: ml_collections.ConfigDict, source: datasets.Source):
 
 
 def get_or_build(config: ml_collections.ConfigDict, split: str, source: datasets.Source,
-                 resize: Callable[[dict], dict]) -> datasets.Source:
-  """The split as a ``Source`` of stored, resized uint8 arrays, built on first use.
+                 resize: Callable[[dict], dict]) -> 'CachedPixels':
+  """The split's stored, resized arrays, built on first use.
 
   Args:
     config: the experiment config (``config.data.cache_dir``, ``skip_bad_images``, ...).
@@ -83,8 +84,7 @@ def get_or_build(config: ml_collections.ConfigDict, split: str, source: datasets
       deterministic preprocessing.
 
   Returns:
-    A ``Source`` whose records are example indices and whose ``decode`` returns the stored
-    ``{'A', 'B', 'name'}`` (None for a bad file left out).
+    The cache's reader, one example per record of ``source``, in its order.
   """
   root = config.data.cache_dir or default_cache_dir()
   os.makedirs(root, exist_ok=True)
@@ -95,8 +95,7 @@ def get_or_build(config: ml_collections.ConfigDict, split: str, source: datasets
       _build(directory, source, resize, config.data.skip_bad_images)
     else:
       logging.info('Reading decoded %s images from the cache %s', split, directory)
-  return datasets.Source(records=list(range(len(source.records))),
-                         decode=CachedDecode(directory))
+  return CachedPixels(directory)
 
 
 def _build(directory: str, source: datasets.Source, resize: Callable[[dict], dict],
@@ -167,11 +166,12 @@ def _write_pixels(path: str, load: Callable, num_records: int):
   return index, names, bad, offset
 
 
-class CachedDecode:
-  """``index -> {'A', 'B', 'name'}`` (resized arrays) from a cache folder; picklable for
-  grain's workers.
+class CachedPixels:
+  """A cache folder's examples: their sizes and names (``record``), and read-only views of
+  their pixels in the memory map (``views``); picklable for grain's workers.
 
-  The pixels are memory-mapped on first use in each process, so workers share the page cache.
+  The pixels are memory-mapped on first use in each process, so processes share the page
+  cache; the training batch is the one copy of them.
   """
 
   def __init__(self, directory: str):
@@ -181,24 +181,36 @@ class CachedDecode:
   def __getstate__(self):
     return {'directory': self.directory, '_arrays': None}
 
-  def _open(self):
-    pixels = np.memmap(os.path.join(self.directory, 'pixels.u8'), np.uint8, mode='r')
-    index = np.load(os.path.join(self.directory, 'index.npy'))
-    with open(os.path.join(self.directory, 'names.json')) as f:
-      names = json.load(f)
-    return pixels, index, names
+  def __len__(self) -> int:
+    return len(self._open()[1])
 
-  def __call__(self, i: int) -> dict | None:
+  def _open(self):
     if self._arrays is None:
-      self._arrays = self._open()
-    pixels, index, names = self._arrays
+      map_ = np.memmap(os.path.join(self.directory, 'pixels.u8'), np.uint8, mode='r')
+      index = np.load(os.path.join(self.directory, 'index.npy'))
+      with open(os.path.join(self.directory, 'names.json')) as f:
+        names = json.load(f)
+      # A plain array over the map: slicing it skips np.memmap's per-view overhead.
+      self._arrays = np.asarray(map_), index, names
+    return self._arrays
+
+  def record(self, i: int) -> dict | None:
+    """``{'index': i, 'shape_A', 'shape_B': (h, w, c), 'name'}``; None for a bad file left
+    out at build time (``skip_bad_images``), as the uncached pipeline skips it."""
+    _, index, names = self._open()
     row = index[i]
     if row[1] == 0:
-      return None  # Left out at build time (skip_bad_images), as the uncached path skips it.
+      return None
+    return {'index': i, 'shape_A': tuple(int(n) for n in row[1:4]),
+            'shape_B': tuple(int(n) for n in row[6:9]), 'name': names[i]}
 
-    def read(offset, h, w, c, dtype):
+  def views(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Example ``i``'s A and B pixels (HWC, uint8 or float32), views of the memory map."""
+    pixels, index, _ = self._open()
+
+    def view(offset, h, w, c, dtype):
       dtype = _DTYPES[dtype]
       size = h * w * c * np.dtype(dtype).itemsize
-      return np.array(pixels[offset:offset + size]).view(dtype).reshape(h, w, c)
+      return pixels[offset:offset + size].view(dtype).reshape(h, w, c)
 
-    return {'A': read(*row[:5]), 'B': read(*row[5:]), 'name': names[i]}
+    return view(*index[i, :5]), view(*index[i, 5:])
