@@ -8,7 +8,8 @@ The deterministic part of the official training preprocessing (decode, the resiz
 * ``index.npy``: ``(N, 10)`` int64, the byte offset, height, width, channels and dtype (0:
   uint8, 1: float32, from paired ``.npy`` files) of A then B (height 0 marks a bad file left
   out under ``skip_bad_images``);
-* ``names.json``: the example names.
+* ``names.json``: the example names;
+* ``bad.json``: ``[index, reason]`` of each bad file left out.
 
 ``key`` hashes the source's files (path, size, modification time) and every option that
 fixes the stored pixels, so an edited dataset or another ``load_size`` gets its own cache and
@@ -33,7 +34,7 @@ from etils import epath
 
 from p2p_jax import datasets
 
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _DTYPES = (np.uint8, np.float32)
 _COMPLETE = 'complete'  # Written last: a folder without it is an interrupted build.
 
@@ -85,22 +86,54 @@ def get_or_build(config: ml_collections.ConfigDict, split: str, source: datasets
 
   Returns:
     The cache's reader, one example per record of ``source``, in its order.
+
+  Raises:
+    BadImageError: naming the first bad file, if any is bad and ``skip_bad_images`` is off,
+      or if every file is bad.
   """
+  pixels, bad = _get_or_build(config, split, source, resize)
+  if pixels is None:
+    count = 'All' if len(bad) == len(source.records) else f'{len(bad)} of'
+    raise datasets.BadImageError(f'{count} {len(source.records)} images are bad (split '
+                                 f'{split!r}; the first: {bad[0][1]})')
+  return pixels
+
+
+def bad_records(config: ml_collections.ConfigDict, split: str, resize: Callable[[dict], dict],
+                source: datasets.Source) -> list[tuple[int, str]]:
+  """``(index, reason)`` of the split's bad files, found by building (or reading) its cache.
+
+  Building decodes every file as the training pipeline does, so with the cache on it is the
+  file check too (``file_check.checked_source``'s ``check``): a first run decodes each file
+  once. Without ``skip_bad_images`` a split with bad files gets no cache.
+  """
+  return _get_or_build(config, split, source, resize)[1]
+
+
+def _get_or_build(config, split, source, resize):
+  """``(CachedPixels or None, bad records)``: None when the build kept no cache."""
   root = config.data.cache_dir or default_cache_dir()
   os.makedirs(root, exist_ok=True)
   directory = os.path.join(root, cache_key(config, split, source))
   with open(directory + '.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, also on a crash.
-    if not os.path.isfile(os.path.join(directory, _COMPLETE)):
-      _build(directory, source, resize, config.data.skip_bad_images)
-    else:
+    if os.path.isfile(os.path.join(directory, _COMPLETE)):
       logging.info('Reading decoded %s images from the cache %s', split, directory)
-  return CachedPixels(directory)
+      with open(os.path.join(directory, 'bad.json')) as f:
+        bad = [(int(i), str(reason)) for i, reason in json.load(f)]
+      return CachedPixels(directory), bad
+    bad = _build(directory, source, resize, config.data.skip_bad_images)
+  kept = os.path.isfile(os.path.join(directory, _COMPLETE))
+  return (CachedPixels(directory) if kept else None), bad
 
 
 def _build(directory: str, source: datasets.Source, resize: Callable[[dict], dict],
-           skip_bad_images: bool) -> None:
-  """Decodes and resizes every record in threads (PIL releases the GIL) into ``directory``."""
+           skip_bad_images: bool) -> list[tuple[int, str]]:
+  """Decodes and resizes every record in threads (PIL releases the GIL) into ``directory``.
+
+  Returns the bad records; the folder is kept if there are none, or if ``skip_bad_images``
+  leaves them out and some file is good.
+  """
   building = f'{directory}.building-{os.getpid()}'
   shutil.rmtree(building, ignore_errors=True)
   os.makedirs(building)
@@ -111,8 +144,6 @@ def _build(directory: str, source: datasets.Source, resize: Callable[[dict], dic
     try:
       return resize(source.decode(source.records[i])), None
     except datasets.BadImageError as e:
-      if not skip_bad_images:
-        raise
       return None, str(e)
 
   logging.info('Caching %d decoded images in %s (later runs reuse them)', num_records,
@@ -120,13 +151,17 @@ def _build(directory: str, source: datasets.Source, resize: Callable[[dict], dic
   try:
     index, names, bad, size = _write_pixels(os.path.join(building, 'pixels.u8'), load,
                                             num_records)
-    for error in bad:
-      logging.warning('Left out a bad image (skip_bad_images): %s', error)
-    if len(bad) == num_records:
-      raise datasets.BadImageError(f'All {num_records} images are bad (the last: {bad[-1]})')
+    if bad and (not skip_bad_images or len(bad) == num_records):
+      shutil.rmtree(building)
+      return bad
+    if bad:
+      logging.warning('Left out %d bad file(s) of %d (skip_bad_images); the first: %s',
+                      len(bad), num_records, bad[0][1])
     np.save(os.path.join(building, 'index.npy'), index)
     with open(os.path.join(building, 'names.json'), 'w') as f:
       json.dump(names, f)
+    with open(os.path.join(building, 'bad.json'), 'w') as f:
+      json.dump(bad, f)
     open(os.path.join(building, _COMPLETE), 'w').close()
   except BaseException:
     shutil.rmtree(building, ignore_errors=True)
@@ -135,6 +170,7 @@ def _build(directory: str, source: datasets.Source, resize: Callable[[dict], dic
   os.rename(building, directory)
   logging.info('Cached %d images (%.1f MiB, %d left out) in %.1f s', num_records - len(bad),
                size / 2**20, len(bad), time.time() - start)
+  return bad
 
 
 def _write_pixels(path: str, load: Callable, num_records: int):
@@ -149,7 +185,7 @@ def _write_pixels(path: str, load: Callable, num_records: int):
       done = min(first + window, num_records)
       for i, (example, error) in zip(range(first, done), pool.map(load, range(first, done))):
         if example is None:
-          bad.append(error)
+          bad.append((i, error))
           names.append('')
           continue
         for column, key in ((0, 'A'), (5, 'B')):
@@ -180,9 +216,6 @@ class CachedPixels:
 
   def __getstate__(self):
     return {'directory': self.directory, '_arrays': None}
-
-  def __len__(self) -> int:
-    return len(self._open()[1])
 
   def _open(self):
     if self._arrays is None:

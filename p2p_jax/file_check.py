@@ -9,14 +9,16 @@ stay deterministic and the same on every process count. The result is cached in
 and modification time, so a resume does not decode the files again. The bad files of a split
 are listed in ``WORKDIR/bad_files_<split>.txt``.
 
-TFDS sources (Cityscapes) are checked when TFDS builds them, not here.
+With ``config.data.cache`` the training split is checked by building its decoded cache
+(``data_cache.bad_records``), which decodes every file the same way: a first run decodes each
+file once. TFDS sources (Cityscapes) are checked when TFDS builds them, not here.
 """
 import concurrent.futures
 import functools
 import hashlib
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import ml_collections
 from absl import logging
@@ -28,8 +30,10 @@ CACHE_DIR = 'data_check'
 MAX_LISTED = 20  # Bad files named in the error message; the file lists all of them.
 
 
-def checked_source(source: datasets.Source, config: ml_collections.ConfigDict, split: str,
-                   workdir: Optional[str], is_writer: bool = True) -> datasets.Source:
+def checked_source(
+    source: datasets.Source, config: ml_collections.ConfigDict, split: str,
+    workdir: Optional[str], is_writer: bool = True,
+    check: Optional[Callable[[datasets.Source], list]] = None) -> datasets.Source:
   """``source`` with every file checked: unchanged, or without its bad files.
 
   Args:
@@ -38,6 +42,8 @@ def checked_source(source: datasets.Source, config: ml_collections.ConfigDict, s
     split: the split's name, for messages and the cache.
     workdir: where the cache and ``bad_files.txt`` go; None for neither.
     is_writer: whether this process writes them (process 0 of several).
+    check: ``source -> [(index, reason)]`` of the bad records; None: ``check_records`` (a
+      decode of every file). The training split's data cache build is one too.
 
   Returns:
     The source, with the bad files left out where ``skip_bad_images`` allows it.
@@ -51,7 +57,7 @@ def checked_source(source: datasets.Source, config: ml_collections.ConfigDict, s
   cache = epath.Path(workdir) / CACHE_DIR / f'{split}.json' if workdir else None
   bad = _read_cache(cache, key)
   if bad is None:
-    bad = check_records(source)
+    bad = (check or check_records)(source)
     if cache is not None and is_writer:
       _write_atomically(cache, json.dumps({'key': key, 'bad': bad}))
   else:

@@ -150,8 +150,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int, start_st
   parallel.check_batch_splits_over_processes(config.data.batch_size)
   source = source or datasets.get_source(config, config.data.train_split)
   data = config.data
-  resize = functools.partial(resize_for_training, preprocess=data.preprocess,
-                             load_size=data.load_size, crop_size=data.crop_size)
+  resize = training_resize(config)
   window = dict(preprocess=data.preprocess, crop_size=data.crop_size, flip=data.flip)
   if data.cache:  # The chain carries crop windows; CropBatch copies the pixels, once.
     pixels = data_cache.get_or_build(config, data.train_split, source, resize)
@@ -369,6 +368,12 @@ class DecodeOrSkip:
           raise datasets.BadImageError(
               f'All {self.num_records} images are bad (the last: {e})') from e
       return None
+
+
+def training_resize(config: ml_collections.ConfigDict):
+  """``resize_for_training`` with the config's options (what the data cache stores)."""
+  return functools.partial(resize_for_training, preprocess=config.data.preprocess,
+                           load_size=config.data.load_size, crop_size=config.data.crop_size)
 
 
 def resize_for_training(example: dict, *, preprocess: str, load_size: int,

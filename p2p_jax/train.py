@@ -15,8 +15,8 @@ import optax
 from absl import logging
 from flax import struct, traverse_util
 
-from p2p_jax import (checkpointing, datasets, evaluate, file_check, images, input_pipeline,
-                     losses, models, parallel)
+from p2p_jax import (checkpointing, data_cache, datasets, evaluate, file_check, images,
+                     input_pipeline, losses, models, parallel)
 
 
 class NetState(struct.PyTreeNode):
@@ -307,8 +307,12 @@ def _checked_source(config, split: str, workdir: str, required: bool = True):
       raise
     logging.warning('No %s images for TensorBoard: %s', split, e)
     return None
+  check = None  # Building the training split's data cache decodes every file: the check.
+  if config.data.cache and split == config.data.train_split:
+    check = functools.partial(data_cache.bad_records, config, split,
+                              input_pipeline.training_resize(config))
   return file_check.checked_source(source, config, split, workdir,
-                                   is_writer=jax.process_index() == 0)
+                                   is_writer=jax.process_index() == 0, check=check)
 
 
 def _fixed_examples(config, split: str, source) -> Optional[dict]:

@@ -108,3 +108,24 @@ def test_cache_folder_holds_the_resized_pixels_once(aligned_config, tmp_path):
   (folder,) = _cache_folders(aligned_config)
   size = os.path.getsize(os.path.join(aligned_config.data.cache_dir, folder, 'pixels.u8'))
   assert size == 6 * 2 * 36 * 36 * 3
+
+
+def test_a_first_run_decodes_each_training_file_once_its_cache_build_is_the_file_check(
+    aligned_config, tmp_path, monkeypatch):
+  from p2p_jax import train  # The trainer's checked source, as main builds it.
+  aligned_config.data.cache_dir = str(tmp_path / 'cache')
+  decoded = []
+  decode = datasets.decode_aligned
+  monkeypatch.setattr(datasets, 'decode_aligned',
+                      lambda path, **kwargs: decoded.append(path) or decode(path, **kwargs))
+  source = train._checked_source(aligned_config, 'train', str(tmp_path / 'run'))
+  batch = next(input_pipeline.create_train_iterator(aligned_config, seed=0, source=source))
+  assert sorted(decoded) == sorted(source.records) and batch['A'].shape[0] == 2
+  assert len(_cache_folders(aligned_config)) == 1
+  # A truncated file: listed by the same check, and no cache is kept for the split.
+  bad = os.path.join(aligned_config.data.data_dir, 'train', '003.png')
+  with open(bad, 'r+b') as f:
+    f.truncate(os.path.getsize(bad) // 2)
+  with pytest.raises(ValueError, match=r"1 of 6 files of split 'train' cannot be used"):
+    train._checked_source(aligned_config, 'train', str(tmp_path / 'run'))
+  assert len(_cache_folders(aligned_config)) == 1
