@@ -163,6 +163,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, seed: int, start_st
   # The same seed on every process: all build the same global sequence (see HostRows). The
   # derivation is fixed, as every run's batches depend on it.
   seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+  # .seed() seeds the random_map draws below; EpochShuffle takes the seed itself.
   ds = EpochShuffle(grain.MapDataset.source(records).seed(seed), seed)
   ds = ds.map(DecodeOrSkip(decode, data.skip_bad_images, len(ds)))
   # Cached or not, the same chain (grain derives the draws' seed from its depth in it).
